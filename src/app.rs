@@ -1,0 +1,263 @@
+//! Wiring and lifecycle: pools, producer, one supervised task per source, the stats
+//! refresher and the HTTP server; then an orderly, bounded shutdown.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use deadpool_postgres::Pool;
+use futures::FutureExt;
+use rdkafka::producer::Producer;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::config::Settings;
+use crate::http::{router, HttpState};
+use crate::metrics::Metrics;
+use crate::sink;
+use crate::source::store::Store;
+use crate::source::{Source, SourceState};
+
+/// Pause before a panicked source task starts again.
+const RESTART_DELAY: Duration = Duration::from_secs(1);
+
+/// A started relay.
+pub struct Running {
+    /// Where the HTTP server listens.
+    pub addr: SocketAddr,
+    /// Each source's name and state, in configuration order.
+    pub sources: Vec<(String, Arc<SourceState>)>,
+    /// The metrics.
+    pub metrics: Arc<Metrics>,
+    done: tokio::task::JoinHandle<Result<()>>,
+}
+
+impl Running {
+    /// Waits until the relay has shut down.
+    pub async fn wait(self) -> Result<()> {
+        self.done.await.context("relay task")?
+    }
+
+    /// A source's state by name.
+    pub fn state(&self, name: &str) -> Option<&Arc<SourceState>> {
+        self.sources.iter().find(|(n, _)| n == name).map(|(_, s)| s)
+    }
+}
+
+/// Runs the relay until `shutdown` is cancelled, then drains and returns.
+pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> {
+    start(settings, shutdown).await?.wait().await
+}
+
+/// Starts the relay: every task is running when this returns.
+pub async fn start(settings: Settings, shutdown: CancellationToken) -> Result<Running> {
+    settings.require_sources()?;
+    let settings = Arc::new(settings);
+    let names: Vec<&str> = settings.sources.iter().map(|s| s.name.as_str()).collect();
+    let metrics = Arc::new(Metrics::new(&names));
+    for s in &settings.sources {
+        metrics
+            .dead_letter_capacity
+            .with_label_values(&[&s.name])
+            .set(settings.dead_letter_size);
+    }
+    let producer = sink::producer(&settings.kafka, settings.operation_timeout)
+        .context("create the Kafka producer")?;
+
+    // One pool per database. Each source uses at most one pooled connection at a time,
+    // so two per source plus two for health checks means no source waits for another.
+    let mut per_db: HashMap<String, usize> = HashMap::new();
+    for s in &settings.sources {
+        *per_db.entry(s.database_url.identity()).or_default() += 1;
+    }
+    let mut pools: HashMap<String, Pool> = HashMap::new();
+    let mut sources = Vec::new();
+    for s in &settings.sources {
+        let id = s.database_url.identity();
+        let pool = match pools.get(&id) {
+            Some(p) => p.clone(),
+            None => {
+                let size = per_db[&id] * 2 + 2;
+                let p = s
+                    .database_url
+                    .pool(size, settings.operation_timeout)
+                    .map_err(anyhow::Error::msg)
+                    .with_context(|| format!("source {}", s.name))?;
+                pools.insert(id, p.clone());
+                p
+            }
+        };
+        let state = Arc::new(SourceState::default());
+        state.beat();
+        sources.push(Arc::new(Source {
+            settings: s.clone(),
+            pool,
+            store: Store::new(&s.schema),
+            state,
+            relay: settings.clone(),
+            producer: producer.clone(),
+            metrics: metrics.clone(),
+        }));
+    }
+
+    let listener = tokio::net::TcpListener::bind(settings.http.listen)
+        .await
+        .with_context(|| format!("listen on {}", settings.http.listen))?;
+    let addr = listener.local_addr()?;
+    let http_state = Arc::new(HttpState {
+        settings: settings.clone(),
+        metrics: metrics.clone(),
+        sources: sources
+            .iter()
+            .map(|s| (s.settings.name.clone(), s.pool.clone(), s.state.clone()))
+            .collect(),
+        producer: producer.clone(),
+        deep_cache: tokio::sync::Mutex::new(None),
+    });
+
+    let work = shutdown.child_token();
+    let mut tasks = JoinSet::new();
+    for s in &sources {
+        tasks.spawn(supervise(s.clone(), work.clone()));
+    }
+    let stats_cancel = work.clone();
+    let stats_sources = sources.clone();
+    let refresh = settings.health.refresh_interval;
+    let timeout = settings.operation_timeout;
+    let stats_task =
+        tokio::spawn(
+            async move { refresh_stats(stats_sources, refresh, timeout, stats_cancel).await },
+        );
+    let http_cancel = shutdown.clone();
+    let http_task = tokio::spawn(async move {
+        axum::serve(listener, router(http_state))
+            .with_graceful_shutdown(http_cancel.cancelled_owned())
+            .await
+    });
+    info!(%addr, sources = settings.sources.len(), enabled = settings.enabled, "relay started");
+
+    let list: Vec<(String, Arc<SourceState>)> = sources
+        .iter()
+        .map(|s| (s.settings.name.clone(), s.state.clone()))
+        .collect();
+    let grace = settings.operation_timeout;
+    let done = tokio::spawn(async move {
+        shutdown.cancelled().await;
+        info!("shutting down: no new batches; finishing the ones in flight");
+        work.cancel();
+        let deadline = tokio::time::Instant::now() + grace.saturating_sub(Duration::from_secs(1));
+        let drained = tokio::time::timeout_at(deadline, async {
+            while tasks.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            warn!("shutdown: batches still in flight at the deadline were abandoned; their rows stay in the outbox and go out after restart");
+            tasks.abort_all();
+        }
+        stats_task.abort();
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let p = producer.clone();
+        let flushed =
+            tokio::task::spawn_blocking(move || p.flush(left.max(Duration::from_millis(100))))
+                .await;
+        if !matches!(flushed, Ok(Ok(()))) {
+            warn!("shutdown: producer flush did not finish in time");
+        }
+        match tokio::time::timeout(Duration::from_secs(1), http_task).await {
+            Ok(Ok(Err(e))) => error!(error = %e, "http server failed"),
+            Err(_) => warn!("http server did not stop within 1s"),
+            _ => {}
+        }
+        info!("relay stopped");
+        Ok(())
+    });
+    Ok(Running {
+        addr,
+        sources: list,
+        metrics,
+        done,
+    })
+}
+
+/// Runs a source, catching a panic and starting it again after a pause.
+async fn supervise(source: Arc<Source>, cancel: CancellationToken) {
+    loop {
+        let r = AssertUnwindSafe(source.run(cancel.clone()))
+            .catch_unwind()
+            .await;
+        match r {
+            Ok(()) => return,
+            Err(panic) => {
+                let msg = panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_else(|| "unknown panic".into());
+                error!(source = %source.settings.name, panic = %msg, "source task panicked; restarting it");
+                source.state.leader.store(false, Ordering::Relaxed);
+                source
+                    .metrics
+                    .source_leader
+                    .with_label_values(&[&source.settings.name])
+                    .set(0);
+                source
+                    .metrics
+                    .task_restarts
+                    .with_label_values(&[&source.settings.name])
+                    .inc();
+                if let Ok(mut g) = source.state.last_error.lock() {
+                    *g = Some(format!("task panicked: {msg}"));
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(RESTART_DELAY) => {}
+                    _ = cancel.cancelled() => return,
+                }
+            }
+        }
+    }
+}
+
+/// Refreshes pending counts, lag and dead-letter fill on a timer, not per scrape.
+async fn refresh_stats(
+    sources: Vec<Arc<Source>>,
+    every: Duration,
+    timeout: Duration,
+    cancel: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = cancel.cancelled() => return,
+        }
+        for s in &sources {
+            let r = tokio::time::timeout(timeout, async {
+                let c = s.pool.get().await.map_err(|e| e.to_string())?;
+                s.store.stats(&c).await.map_err(|e| e.to_string())
+            })
+            .await;
+            let name = s.settings.name.as_str();
+            if let Ok(Ok(st)) = r {
+                s.metrics.pending.with_label_values(&[name]).set(st.pending);
+                s.metrics
+                    .oldest_pending_age
+                    .with_label_values(&[name])
+                    .set(st.oldest_age_secs);
+                s.metrics
+                    .dead_letter_rows
+                    .with_label_values(&[name])
+                    .set(st.dead_letter_rows);
+                s.state.pending.store(st.pending, Ordering::Relaxed);
+                s.state
+                    .dead_letter_rows
+                    .store(st.dead_letter_rows, Ordering::Relaxed);
+            }
+        }
+    }
+}

@@ -1,0 +1,234 @@
+//! The HTTP server: `/health` (liveness), `/health/deep` (readiness), `/metrics`.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use deadpool_postgres::Pool;
+use rdkafka::producer::{FutureProducer, Producer};
+use serde::Serialize;
+use serde_json::json;
+
+use crate::config::Settings;
+use crate::metrics::Metrics;
+use crate::source::SourceState;
+
+/// How long a `/health/deep` answer is reused: probes arriving together share one check.
+const DEEP_CACHE: Duration = Duration::from_secs(2);
+
+/// What the handlers read.
+pub struct HttpState {
+    /// Settings.
+    pub settings: Arc<Settings>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Each source's name, pool and state, in configuration order.
+    pub sources: Vec<(String, Pool, Arc<SourceState>)>,
+    /// The producer, for cluster metadata.
+    pub producer: FutureProducer,
+    /// The last deep check, shared by concurrent probes.
+    pub deep_cache: tokio::sync::Mutex<Option<(Instant, StatusCode, serde_json::Value)>>,
+}
+
+/// The router; tests drive it with `tower::ServiceExt::oneshot`.
+pub fn router(state: Arc<HttpState>) -> Router {
+    Router::new()
+        .route("/health", get(health))
+        .route("/health/deep", get(health_deep))
+        .route("/metrics", get(metrics))
+        .with_state(state)
+}
+
+/// How long a source task may go without a sign of life before `/health` fails.
+pub fn liveness_bound(s: &Settings) -> Duration {
+    s.process_interval + 2 * s.operation_timeout + Duration::from_secs(10)
+}
+
+async fn health(State(st): State<Arc<HttpState>>) -> Response {
+    let bound = liveness_bound(&st.settings);
+    let mut ok = true;
+    let sources: Vec<_> = st
+        .sources
+        .iter()
+        .map(|(name, _, state)| {
+            let silent = state.silent_for();
+            let alive = silent <= bound;
+            ok &= alive;
+            json!({
+                "source": name,
+                "status": if alive { "ok" } else { "stuck" },
+                "silent_for_s": silent.as_secs_f64(),
+                "leader": state.leader.load(Ordering::Relaxed),
+            })
+        })
+        .collect();
+    let code = if ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let body = json!({
+        "status": if ok { "ok" } else { "down" },
+        "bound_s": bound.as_secs_f64(),
+        "sources": sources,
+    });
+    (code, Json(body)).into_response()
+}
+
+#[derive(Serialize)]
+struct Check {
+    component: String,
+    status: &'static str,
+    latency_ms: f64,
+    message: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    details: Option<serde_json::Value>,
+}
+
+async fn health_deep(State(st): State<Arc<HttpState>>) -> Response {
+    // Holding the lock while checking makes concurrent probes wait for this check
+    // instead of starting their own: checks never pile up.
+    let mut cache = st.deep_cache.lock().await;
+    if let Some((at, code, body)) = cache.as_ref() {
+        if at.elapsed() < DEEP_CACHE {
+            return (*code, Json(body.clone())).into_response();
+        }
+    }
+    let (code, body) = deep_check(&st).await;
+    *cache = Some((Instant::now(), code, body.clone()));
+    (code, Json(body)).into_response()
+}
+
+/// Runs every deep check concurrently, each under its own deadline.
+async fn deep_check(st: &HttpState) -> (StatusCode, serde_json::Value) {
+    let deadline = st.settings.operation_timeout.min(Duration::from_secs(3));
+    let db_checks = st.sources.iter().map(|(name, pool, _)| async move {
+        let started = Instant::now();
+        let r = tokio::time::timeout(deadline, async {
+            let c = pool.get().await.map_err(|e| e.to_string())?;
+            c.simple_query("SELECT 1")
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok::<(), String>(())
+        })
+        .await
+        .unwrap_or_else(|_| Err(format!("no answer within {deadline:?}")));
+        Check {
+            component: format!("database:{name}"),
+            status: if r.is_ok() { "ok" } else { "down" },
+            latency_ms: started.elapsed().as_secs_f64() * 1000.0,
+            message: r.err().unwrap_or_else(|| "reachable".into()),
+            details: None,
+        }
+    });
+    let producer = st.producer.clone();
+    let kafka_check = async move {
+        let started = Instant::now();
+        let r = tokio::task::spawn_blocking(move || {
+            producer
+                .client()
+                .fetch_metadata(None, deadline)
+                .map(|m| m.brokers().len())
+        })
+        .await;
+        let (status, message) = match r {
+            Ok(Ok(n)) if n > 0 => ("ok", format!("{n} brokers in cluster metadata")),
+            Ok(Ok(_)) => ("down", "cluster metadata lists no broker".to_string()),
+            Ok(Err(e)) => ("down", format!("cluster metadata: {e}")),
+            Err(e) => ("down", format!("metadata task: {e}")),
+        };
+        Check {
+            component: "kafka".into(),
+            status,
+            latency_ms: started.elapsed().as_secs_f64() * 1000.0,
+            message,
+            details: None,
+        }
+    };
+    let (dbs, kafka) = tokio::join!(futures::future::join_all(db_checks), kafka_check);
+    let mut checks: Vec<Check> = dbs;
+    checks.push(kafka);
+
+    let lag_threshold = st.settings.health.lag_threshold.as_secs_f64();
+    for (name, _, state) in &st.sources {
+        let age = st
+            .metrics
+            .oldest_pending_age
+            .with_label_values(&[name])
+            .get();
+        let pending = state.pending.load(Ordering::Relaxed);
+        let processed = state.processed.load(Ordering::Relaxed);
+        let failed = state.failed.load(Ordering::Relaxed);
+        let last_error = state.last_error.lock().ok().and_then(|g| g.clone());
+        let lag_ok = age <= lag_threshold;
+        checks.push(Check {
+            component: format!("lag:{name}"),
+            status: if lag_ok { "ok" } else { "degraded" },
+            latency_ms: 0.0,
+            message: format!(
+                "oldest pending event is {age:.1}s old (threshold {lag_threshold:.0}s)"
+            ),
+            details: Some(json!({
+                "events_processed": processed,
+                "events_failed": failed,
+                "events_pending": pending,
+                "oldest_pending_age_s": age,
+                "last_error": last_error,
+                "leader": state.leader.load(Ordering::Relaxed),
+                "health_status": if lag_ok { "healthy" } else { "lagging" },
+            })),
+        });
+        let rows = state.dead_letter_rows.load(Ordering::Relaxed);
+        let cap = st.settings.dead_letter_size;
+        let fill_ok = rows < cap || cap == 0 && rows == 0;
+        checks.push(Check {
+            component: format!("dead_letter:{name}"),
+            status: if rows >= cap && cap > 0 {
+                "down"
+            } else if rows * 10 >= cap * 8 && rows > 0 {
+                "degraded"
+            } else {
+                "ok"
+            },
+            latency_ms: 0.0,
+            message: format!(
+                "{rows} of {cap} rows{}",
+                if fill_ok {
+                    ""
+                } else {
+                    ": full, failing events stay in the outbox"
+                }
+            ),
+            details: None,
+        });
+    }
+    let worst = if checks.iter().any(|c| c.status == "down") {
+        "down"
+    } else if checks.iter().any(|c| c.status == "degraded") {
+        "degraded"
+    } else {
+        "ok"
+    };
+    let code = if worst == "ok" {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, json!({ "status": worst, "checks": checks }))
+}
+
+async fn metrics(State(st): State<Arc<HttpState>>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        st.metrics.render(),
+    )
+        .into_response()
+}

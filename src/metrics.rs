@@ -1,0 +1,253 @@
+//! One [`Metrics`] registered once and shared by `Arc`. Every labelled series is
+//! created at zero for every configured source, so alerts and `rate()` see it before
+//! the first failure.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+use crate::sink::FAILURE_REASONS;
+
+/// The relay's metrics.
+pub struct Metrics {
+    registry: Registry,
+    /// Events Kafka acknowledged.
+    pub published: IntCounterVec,
+    /// Failed publish attempts, by reason.
+    pub failed: IntCounterVec,
+    /// Events moved to the dead-letter table.
+    pub dead_lettered: IntCounterVec,
+    /// Rows in the outbox (refreshed on a timer).
+    pub pending: IntGaugeVec,
+    /// Age of the oldest pending row (refreshed on a timer).
+    pub oldest_pending_age: prometheus::GaugeVec,
+    /// Rows in the dead-letter table (refreshed on a timer).
+    pub dead_letter_rows: IntGaugeVec,
+    /// Capacity of the dead-letter table (`dead_letter_size`).
+    pub dead_letter_capacity: IntGaugeVec,
+    /// Kafka acknowledgement latency of one batch.
+    pub publish_duration: HistogramVec,
+    /// Claim, publish and delete of one batch.
+    pub batch_duration: HistogramVec,
+    /// From `created_at` to Kafka's acknowledgement.
+    pub end_to_end_latency: HistogramVec,
+    /// 1 while the source's database answers.
+    pub source_up: IntGaugeVec,
+    /// 1 while this replica holds the source.
+    pub source_leader: IntGaugeVec,
+    /// Failed PostgreSQL operations of the relay loop.
+    pub poll_errors: IntCounterVec,
+    /// Source task restarts after a panic.
+    pub task_restarts: IntCounterVec,
+    /// 1 while Kafka is unreachable for the source.
+    pub kafka_outage: IntGaugeVec,
+    /// Build information.
+    pub build_info: IntGaugeVec,
+    /// Unix time the process started.
+    pub start_time: IntGauge,
+}
+
+fn latency_buckets() -> Vec<f64> {
+    vec![
+        0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+        300.0,
+    ]
+}
+
+impl Metrics {
+    /// Registers every metric, with series for `sources` at zero.
+    pub fn new(sources: &[&str]) -> Metrics {
+        let registry = Registry::new();
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric");
+            c
+        };
+        let gauge = |name: &str, help: &str, labels: &[&str]| {
+            let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("unique metric");
+            g
+        };
+        let histogram = |name: &str, help: &str| {
+            let h = HistogramVec::new(
+                HistogramOpts::new(name, help).buckets(latency_buckets()),
+                &["source"],
+            )
+            .expect("valid metric");
+            registry
+                .register(Box::new(h.clone()))
+                .expect("unique metric");
+            h
+        };
+        let published = counter(
+            "outbox_events_published_total",
+            "Events Kafka acknowledged.",
+            &["source"],
+        );
+        let failed = counter(
+            "outbox_events_failed_total",
+            "Failed publish attempts, by reason.",
+            &["source", "reason"],
+        );
+        let dead_lettered = counter(
+            "outbox_events_dead_lettered_total",
+            "Events moved to the dead-letter table.",
+            &["source"],
+        );
+        let pending = gauge(
+            "outbox_events_pending",
+            "Rows waiting in the outbox table.",
+            &["source"],
+        );
+        let oldest_pending_age = prometheus::GaugeVec::new(
+            Opts::new(
+                "outbox_oldest_pending_age_seconds",
+                "Age of the oldest row waiting in the outbox table.",
+            ),
+            &["source"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(oldest_pending_age.clone()))
+            .expect("unique metric");
+        let dead_letter_rows = gauge(
+            "outbox_dead_letter_rows",
+            "Rows in the dead-letter table.",
+            &["source"],
+        );
+        let dead_letter_capacity = gauge(
+            "outbox_dead_letter_capacity",
+            "Capacity of the dead-letter table (dead_letter_size).",
+            &["source"],
+        );
+        let publish_duration = histogram(
+            "outbox_publish_duration_seconds",
+            "Time from handing a batch to the producer to Kafka's last acknowledgement.",
+        );
+        let batch_duration = histogram(
+            "outbox_batch_duration_seconds",
+            "Time to claim, publish and settle one batch.",
+        );
+        let end_to_end_latency = histogram(
+            "outbox_end_to_end_latency_seconds",
+            "Time from an event's created_at to Kafka's acknowledgement.",
+        );
+        let source_up = gauge(
+            "outbox_source_up",
+            "1 while the source's database answers.",
+            &["source"],
+        );
+        let source_leader = gauge(
+            "outbox_source_leader",
+            "1 while this replica holds the source.",
+            &["source"],
+        );
+        let poll_errors = counter(
+            "outbox_poll_errors_total",
+            "Failed PostgreSQL operations of the relay loop.",
+            &["source"],
+        );
+        let task_restarts = counter(
+            "outbox_source_task_restarts_total",
+            "Source task restarts after a panic.",
+            &["source"],
+        );
+        let kafka_outage = gauge(
+            "outbox_kafka_outage",
+            "1 while Kafka is unreachable for the source.",
+            &["source"],
+        );
+        let build_info = gauge(
+            "outbox_relay_build_info",
+            "Build information; always 1.",
+            &["version"],
+        );
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        let start_time = IntGauge::new(
+            "outbox_relay_start_time_seconds",
+            "Unix time the relay started.",
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(start_time.clone()))
+            .expect("unique metric");
+        start_time.set(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs() as i64)
+                .unwrap_or(0),
+        );
+        #[cfg(target_os = "linux")]
+        registry
+            .register(Box::new(
+                prometheus::process_collector::ProcessCollector::for_self(),
+            ))
+            .expect("unique metric");
+
+        for s in sources {
+            published.with_label_values(&[s]);
+            for r in FAILURE_REASONS {
+                failed.with_label_values(&[s, r]);
+            }
+            dead_lettered.with_label_values(&[s]);
+            pending.with_label_values(&[s]);
+            oldest_pending_age.with_label_values(&[s]);
+            dead_letter_rows.with_label_values(&[s]);
+            dead_letter_capacity.with_label_values(&[s]);
+            publish_duration.with_label_values(&[s]);
+            batch_duration.with_label_values(&[s]);
+            end_to_end_latency.with_label_values(&[s]);
+            source_up.with_label_values(&[s]);
+            source_leader.with_label_values(&[s]);
+            poll_errors.with_label_values(&[s]);
+            task_restarts.with_label_values(&[s]);
+            kafka_outage.with_label_values(&[s]);
+        }
+        Metrics {
+            registry,
+            published,
+            failed,
+            dead_lettered,
+            pending,
+            oldest_pending_age,
+            dead_letter_rows,
+            dead_letter_capacity,
+            publish_duration,
+            batch_duration,
+            end_to_end_latency,
+            source_up,
+            source_leader,
+            poll_errors,
+            task_restarts,
+            kafka_outage,
+            build_info,
+            start_time,
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        let encoder = TextEncoder::new();
+        if let Err(e) = encoder.encode(&self.registry.gather(), &mut buf) {
+            return format!("# encode error: {e}\n");
+        }
+        String::from_utf8(buf).unwrap_or_default()
+    }
+
+    /// The source's histogram handles, resolved once rather than per event.
+    pub fn source_histograms(&self, source: &str) -> (Histogram, Histogram, Histogram) {
+        (
+            self.publish_duration.with_label_values(&[source]),
+            self.batch_duration.with_label_values(&[source]),
+            self.end_to_end_latency.with_label_values(&[source]),
+        )
+    }
+}

@@ -1,0 +1,702 @@
+//! One outbox source: win the source's lock, then claim, publish, settle, repeat.
+//!
+//! Invariants:
+//! - no row lock and no open transaction is held while waiting for Kafka;
+//! - one relay process works a source at a time (a session advisory lock on a dedicated
+//!   connection); whoever holds it reads the lowest pending ids, never "after the last
+//!   id seen", so rows that commit late are not skipped;
+//! - a row leaves the outbox only after Kafka acknowledged it, or into the dead-letter
+//!   table in the same transaction that deletes it;
+//! - cancellation is checked between batches, never between "publish" and "settle".
+
+pub mod store;
+
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use deadpool_postgres::Pool;
+use futures::future::join_all;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use tokio::sync::mpsc::UnboundedReceiver;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use crate::config::{AfterDeadLetter, Settings, SourceSettings};
+use crate::db::Notice;
+use crate::metrics::Metrics;
+use crate::migrate::LOCK_CLASS;
+use crate::retry::backoff_jittered;
+use crate::sink::{build_record, classify, Blame, Failure};
+use store::{Event, Store};
+
+/// How often a follower asks for a source's lock.
+const TAKEOVER_POLL: Duration = Duration::from_secs(1);
+/// How often an ongoing outage is logged again.
+const OUTAGE_REMINDER: Duration = Duration::from_secs(60);
+/// Longest pause of a source between tries while Kafka or PostgreSQL is down.
+const OUTAGE_BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// What the HTTP server and the supervisor can see of a source, updated by its task.
+#[derive(Debug, Default)]
+pub struct SourceState {
+    /// Unix milliseconds of the task's last sign of life (progress or an idle wake-up).
+    pub heartbeat_ms: AtomicU64,
+    /// Whether this replica holds the source.
+    pub leader: AtomicBool,
+    /// Events published by this process.
+    pub processed: AtomicU64,
+    /// Failed publish attempts seen by this process.
+    pub failed: AtomicU64,
+    /// Rows pending at the last refresh.
+    pub pending: AtomicI64,
+    /// Rows in the dead-letter table at the last refresh.
+    pub dead_letter_rows: AtomicI64,
+    /// The last error, for `/health/deep`.
+    pub last_error: Mutex<Option<String>>,
+    /// Fault injection for tests: while set, the task stops making progress.
+    pub stall: AtomicBool,
+    /// Fault injection for tests: when set, the task panics once at its next step.
+    pub panic_once: AtomicBool,
+}
+
+impl SourceState {
+    /// Records a sign of life now.
+    pub fn beat(&self) {
+        self.heartbeat_ms.store(now_ms(), Ordering::Relaxed);
+    }
+
+    /// Milliseconds since the last sign of life.
+    pub fn silent_for(&self) -> Duration {
+        Duration::from_millis(now_ms().saturating_sub(self.heartbeat_ms.load(Ordering::Relaxed)))
+    }
+
+    fn set_error(&self, e: impl Into<String>) {
+        if let Ok(mut g) = self.last_error.lock() {
+            *g = Some(e.into());
+        }
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Everything one source's task needs.
+pub struct Source {
+    /// Its settings.
+    pub settings: SourceSettings,
+    /// The pool of its database (shared with sources of the same database).
+    pub pool: Pool,
+    /// Its SQL.
+    pub store: Store,
+    /// Its visible state.
+    pub state: Arc<SourceState>,
+    /// The relay-wide settings.
+    pub relay: Arc<Settings>,
+    /// The shared producer.
+    pub producer: FutureProducer,
+    /// The shared metrics.
+    pub metrics: Arc<Metrics>,
+}
+
+/// Why leading a source ended.
+enum Ended {
+    Cancelled,
+    LostLock(String),
+}
+
+/// The outcome of one published batch.
+#[derive(Default)]
+struct Settled {
+    delivered: Vec<i64>,
+    retry: Vec<(i64, i32, i32, Failure)>,
+    dead: Vec<(i64, Failure)>,
+    transport: Option<Failure>,
+}
+
+/// Logs an outage once at its start, then at most once per [`OUTAGE_REMINDER`], then its end.
+struct Outage {
+    what: &'static str,
+    since: Option<Instant>,
+    last_log: Instant,
+    attempts: u32,
+}
+
+impl Outage {
+    fn new(what: &'static str) -> Outage {
+        Outage {
+            what,
+            since: None,
+            last_log: Instant::now(),
+            attempts: 0,
+        }
+    }
+
+    /// Notes a failure; returns how long to pause.
+    fn failed(&mut self, source: &str, error: &str, base: Duration) -> Duration {
+        self.attempts += 1;
+        match self.since {
+            None => {
+                self.since = Some(Instant::now());
+                self.last_log = Instant::now();
+                warn!(
+                    source,
+                    error, "{} unreachable: holding events until it is back", self.what
+                );
+            }
+            Some(since) if self.last_log.elapsed() >= OUTAGE_REMINDER => {
+                self.last_log = Instant::now();
+                warn!(
+                    source,
+                    error,
+                    down_for_s = since.elapsed().as_secs(),
+                    attempts = self.attempts,
+                    "{} still unreachable",
+                    self.what
+                );
+            }
+            Some(_) => debug!(source, error, "{} still unreachable", self.what),
+        }
+        backoff_jittered(
+            self.attempts,
+            base.min(OUTAGE_BACKOFF_MAX),
+            OUTAGE_BACKOFF_MAX,
+        )
+    }
+
+    fn recovered(&mut self, source: &str) {
+        if let Some(since) = self.since.take() {
+            info!(
+                source,
+                down_for_s = since.elapsed().as_secs_f64(),
+                attempts = self.attempts,
+                "{} reachable again",
+                self.what
+            );
+        }
+        self.attempts = 0;
+    }
+
+    fn active(&self) -> bool {
+        self.since.is_some()
+    }
+}
+
+impl Source {
+    fn name(&self) -> &str {
+        &self.settings.name
+    }
+
+    /// Runs the source until `cancel`: take the lock, lead, and on losing it start over.
+    pub async fn run(&self, cancel: CancellationToken) {
+        let mut db_outage = Outage::new("postgres");
+        loop {
+            self.state.beat();
+            if cancel.is_cancelled() {
+                return;
+            }
+            let lock = tokio::select! {
+                r = self.try_lock() => r,
+                _ = cancel.cancelled() => return,
+            };
+            match lock {
+                Ok(Some((client, notices))) => {
+                    db_outage.recovered(self.name());
+                    self.metrics
+                        .source_up
+                        .with_label_values(&[self.name()])
+                        .set(1);
+                    self.set_leader(true);
+                    info!(source = self.name(), "holding the source");
+                    let ended = self
+                        .lead(&notices_filter(notices), &cancel, &mut db_outage)
+                        .await;
+                    self.set_leader(false);
+                    drop(client);
+                    match ended {
+                        Ended::Cancelled => {
+                            info!(source = self.name(), "released the source");
+                            return;
+                        }
+                        Ended::LostLock(why) => {
+                            warn!(source = self.name(), error = %why, "lost the source's lock; trying to take it again");
+                            self.state.set_error(format!("lost lock: {why}"));
+                        }
+                    }
+                }
+                Ok(None) => {
+                    db_outage.recovered(self.name());
+                    self.metrics
+                        .source_up
+                        .with_label_values(&[self.name()])
+                        .set(1);
+                    if wait(&cancel, TAKEOVER_POLL).await {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    self.metrics
+                        .source_up
+                        .with_label_values(&[self.name()])
+                        .set(0);
+                    self.metrics
+                        .poll_errors
+                        .with_label_values(&[self.name()])
+                        .inc();
+                    self.state.set_error(e.clone());
+                    let pause = db_outage.failed(self.name(), &e, self.relay.retry.backoff_base);
+                    if wait(&cancel, pause).await {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    fn set_leader(&self, on: bool) {
+        self.state.leader.store(on, Ordering::Relaxed);
+        self.metrics
+            .source_leader
+            .with_label_values(&[self.name()])
+            .set(on as i64);
+    }
+
+    /// Opens the source's dedicated connection and tries its advisory lock; on success
+    /// also LISTENs for new rows. The lock lives exactly as long as the connection.
+    async fn try_lock(
+        &self,
+    ) -> Result<Option<(tokio_postgres::Client, UnboundedReceiver<Notice>)>, String> {
+        let timeout = self.relay.operation_timeout;
+        let (client, notices) = self.settings.database_url.connect(timeout).await?;
+        let key = format!("relay:{}", self.settings.schema);
+        let got: bool = tokio::time::timeout(
+            timeout,
+            client.query_one(
+                "SELECT pg_try_advisory_lock($1, hashtext($2))",
+                &[&LOCK_CLASS, &key],
+            ),
+        )
+        .await
+        .map_err(|_| "advisory lock: timed out".to_string())?
+        .map_err(|e| format!("advisory lock: {e}"))?
+        .get(0);
+        if !got {
+            return Ok(None);
+        }
+        tokio::time::timeout(timeout, client.batch_execute("LISTEN outbox_relay"))
+            .await
+            .map_err(|_| "listen: timed out".to_string())?
+            .map_err(|e| format!("listen: {e}"))?;
+        Ok(Some((client, notices)))
+    }
+
+    /// Works the source while holding its lock.
+    async fn lead(
+        &self,
+        wake: &WakeUp,
+        cancel: &CancellationToken,
+        db_outage: &mut Outage,
+    ) -> Ended {
+        let mut kafka_outage = Outage::new("kafka");
+        let (publish_hist, batch_hist, e2e_hist) = self.metrics.source_histograms(self.name());
+        let block = self.relay.retry.after_dead_letter == AfterDeadLetter::Block;
+        let mut immediate = true;
+        loop {
+            self.state.beat();
+            if cancel.is_cancelled() {
+                return Ended::Cancelled;
+            }
+            if let Some(why) = wake.lost() {
+                return Ended::LostLock(why);
+            }
+            if !immediate {
+                tokio::select! {
+                    _ = wake.wait(&self.settings.schema, self.relay.process_interval) => {}
+                    _ = cancel.cancelled() => return Ended::Cancelled,
+                }
+                self.state.beat();
+                if let Some(why) = wake.lost() {
+                    return Ended::LostLock(why);
+                }
+            }
+            if self.state.panic_once.swap(false, Ordering::Relaxed) {
+                panic!("injected panic in source {}", self.name());
+            }
+            while self.state.stall.load(Ordering::Relaxed) {
+                if wait(cancel, Duration::from_millis(50)).await {
+                    return Ended::Cancelled;
+                }
+            }
+            if !self.relay.enabled {
+                immediate = false;
+                continue;
+            }
+            let started = Instant::now();
+            let batch = match self.claim(block).await {
+                Ok(b) => {
+                    db_outage.recovered(self.name());
+                    b
+                }
+                Err(e) => {
+                    self.db_failed(db_outage, &e, cancel).await;
+                    immediate = true;
+                    continue;
+                }
+            };
+            if batch.is_empty() {
+                immediate = false;
+                continue;
+            }
+            let publish_started = Instant::now();
+            let settled = self.publish(&batch).await;
+            publish_hist.observe(publish_started.elapsed().as_secs_f64());
+            let acked_at = SystemTime::now();
+            for e in batch
+                .iter()
+                .filter(|e| settled.delivered.binary_search(&e.id).is_ok())
+            {
+                if let Ok(age) = acked_at.duration_since(e.created_at) {
+                    e2e_hist.observe(age.as_secs_f64());
+                }
+            }
+            match self.settle(&batch, &settled).await {
+                Ok(()) => {}
+                Err(e) => {
+                    // The published rows stay in the outbox and go out again: duplicates, never loss.
+                    self.db_failed(db_outage, &e, cancel).await;
+                    immediate = true;
+                    continue;
+                }
+            }
+            batch_hist.observe(started.elapsed().as_secs_f64());
+            match &settled.transport {
+                Some(f) => {
+                    self.metrics
+                        .kafka_outage
+                        .with_label_values(&[self.name()])
+                        .set(1);
+                    self.state.set_error(f.message.clone());
+                    let pause =
+                        kafka_outage.failed(self.name(), &f.message, self.relay.retry.backoff_base);
+                    if wait(cancel, pause).await {
+                        return Ended::Cancelled;
+                    }
+                    immediate = true;
+                }
+                None => {
+                    if kafka_outage.active() {
+                        self.metrics
+                            .kafka_outage
+                            .with_label_values(&[self.name()])
+                            .set(0);
+                        kafka_outage.recovered(self.name());
+                    }
+                    // A full batch is followed at once by the next.
+                    immediate = batch.len() as i64 >= self.relay.batch_size as i64;
+                }
+            }
+        }
+    }
+
+    async fn db_failed(&self, outage: &mut Outage, e: &str, cancel: &CancellationToken) {
+        self.metrics
+            .poll_errors
+            .with_label_values(&[self.name()])
+            .inc();
+        self.metrics
+            .source_up
+            .with_label_values(&[self.name()])
+            .set(0);
+        self.state.set_error(e.to_string());
+        let pause = outage.failed(self.name(), e, self.relay.retry.backoff_base);
+        wait(cancel, pause).await;
+        self.metrics
+            .source_up
+            .with_label_values(&[self.name()])
+            .set(1);
+    }
+
+    async fn claim(&self, block: bool) -> Result<Vec<Event>, String> {
+        let timeout = self.relay.operation_timeout;
+        let work = async {
+            let client = self.pool.get().await.map_err(|e| format!("pool: {e}"))?;
+            self.store
+                .claim(
+                    &client,
+                    self.relay.batch_size as i64,
+                    self.relay.max_retries,
+                    block,
+                )
+                .await
+                .map_err(|e| format!("claim: {e}"))
+        };
+        tokio::time::timeout(timeout, work)
+            .await
+            .map_err(|_| format!("claim: timed out after {timeout:?}"))?
+    }
+
+    /// Hands the batch to the producer and waits for every acknowledgement.
+    async fn publish(&self, batch: &[Event]) -> Settled {
+        let mut settled = Settled::default();
+        let event_ids: Vec<String> = batch.iter().map(|e| e.event_id.to_string()).collect();
+        let mut pending = Vec::with_capacity(batch.len());
+        for (e, event_id) in batch.iter().zip(&event_ids) {
+            let record = match build_record(e, self.name(), &self.settings.topic, event_id) {
+                Ok(r) => r,
+                Err(f) => {
+                    settled.dead.push((e.id, f));
+                    continue;
+                }
+            };
+            let mut fr = FutureRecord::to(record.topic)
+                .key(record.key)
+                .headers(record.headers);
+            if let Some(p) = record.payload {
+                fr = fr.payload(p);
+            }
+            match self.producer.send_result(fr) {
+                Ok(fut) => pending.push((e, fut)),
+                Err((err, _)) => {
+                    let f = classify(&err);
+                    self.note_failure(e, &f);
+                    match f.blame {
+                        Blame::Permanent => settled.dead.push((e.id, f)),
+                        Blame::Retry => settled.retry.push((e.id, e.retry_count, e.max_retries, f)),
+                        Blame::Transport => settled.transport = Some(f),
+                    }
+                }
+            }
+        }
+        let (events, futures): (Vec<&Event>, Vec<_>) = pending.into_iter().unzip();
+        // librdkafka resolves every delivery within message.timeout.ms (operation_timeout);
+        // the margin only guards against a lost callback.
+        let deadline = self.relay.operation_timeout + Duration::from_secs(5);
+        let results = match tokio::time::timeout(deadline, join_all(futures)).await {
+            Ok(r) => r,
+            Err(_) => {
+                settled.transport = Some(Failure {
+                    blame: Blame::Transport,
+                    reason: "transport",
+                    message: format!("no acknowledgement within {deadline:?}"),
+                });
+                return settled;
+            }
+        };
+        for (e, r) in events.into_iter().zip(results) {
+            match r {
+                Ok(Ok(_delivery)) => settled.delivered.push(e.id),
+                Ok(Err((err, _msg))) => {
+                    let f = classify(&err);
+                    self.note_failure(e, &f);
+                    match f.blame {
+                        Blame::Permanent => settled.dead.push((e.id, f)),
+                        Blame::Retry => settled.retry.push((e.id, e.retry_count, e.max_retries, f)),
+                        Blame::Transport => settled.transport = Some(f),
+                    }
+                }
+                Err(_canceled) => {
+                    settled.transport = Some(Failure {
+                        blame: Blame::Transport,
+                        reason: "transport",
+                        message: "the producer dropped the delivery".into(),
+                    })
+                }
+            }
+        }
+        settled.delivered.sort_unstable();
+        let n = settled.delivered.len() as u64;
+        self.metrics
+            .published
+            .with_label_values(&[self.name()])
+            .inc_by(n);
+        self.state.processed.fetch_add(n, Ordering::Relaxed);
+        settled
+    }
+
+    fn note_failure(&self, e: &Event, f: &Failure) {
+        self.metrics
+            .failed
+            .with_label_values(&[self.name(), f.reason])
+            .inc();
+        self.state.failed.fetch_add(1, Ordering::Relaxed);
+        if f.blame != Blame::Transport {
+            warn!(
+                source = self.name(),
+                event_id = %e.event_id,
+                aggregate_id = %e.aggregate_id,
+                correlation_id = e.correlation_id.as_deref().unwrap_or(""),
+                reason = f.reason,
+                error = %f.message,
+                "publish failed"
+            );
+        }
+    }
+
+    /// Deletes what was delivered, records retries, and moves what failed for good.
+    async fn settle(&self, batch: &[Event], s: &Settled) -> Result<(), String> {
+        let timeout = self.relay.operation_timeout;
+        let work = async {
+            let mut client = self.pool.get().await.map_err(|e| format!("pool: {e}"))?;
+            if !s.delivered.is_empty() {
+                self.store
+                    .delete(&client, &s.delivered, self.relay.delete_batch_size)
+                    .await
+                    .map_err(|e| format!("delete delivered rows: {e}"))?;
+            }
+            let mut dead: Vec<(i64, String)> = s
+                .dead
+                .iter()
+                .map(|(id, f)| (*id, format!("{}: {}", f.reason, f.message)))
+                .collect();
+            let mut retry_ids = Vec::new();
+            let mut retry_errors = Vec::new();
+            let mut retry_delays = Vec::new();
+            for (id, count, max, f) in &s.retry {
+                let attempts = count + 1;
+                if attempts > *max {
+                    dead.push((
+                        *id,
+                        format!(
+                            "{}: {} (gave up after {attempts} attempts)",
+                            f.reason, f.message
+                        ),
+                    ));
+                } else {
+                    retry_ids.push(*id);
+                    retry_errors.push(f.message.clone());
+                    retry_delays.push(backoff_jittered(
+                        attempts as u32,
+                        self.relay.retry.backoff_base,
+                        self.relay.retry.backoff_max,
+                    ));
+                }
+            }
+            if !retry_ids.is_empty() {
+                self.store
+                    .record_retries(&client, &retry_ids, &retry_errors, &retry_delays)
+                    .await
+                    .map_err(|e| format!("record retries: {e}"))?;
+            }
+            if !dead.is_empty() {
+                dead.sort_unstable_by_key(|(id, _)| *id);
+                let (ids, errors): (Vec<i64>, Vec<String>) = dead.into_iter().unzip();
+                let (moved, parked) = self
+                    .store
+                    .dead_letter(
+                        &mut client,
+                        &ids,
+                        &errors,
+                        self.relay.dead_letter_size,
+                        self.relay.retry.backoff_max,
+                    )
+                    .await
+                    .map_err(|e| format!("dead-letter: {e}"))?;
+                self.metrics
+                    .dead_lettered
+                    .with_label_values(&[self.name()])
+                    .inc_by(moved);
+                for e in batch.iter().filter(|e| ids.binary_search(&e.id).is_ok()) {
+                    error!(
+                        source = self.name(),
+                        event_id = %e.event_id,
+                        aggregate_id = %e.aggregate_id,
+                        correlation_id = e.correlation_id.as_deref().unwrap_or(""),
+                        "event dead-lettered"
+                    );
+                }
+                if parked > 0 {
+                    let msg = format!(
+                        "dead-letter table full ({} rows): {parked} failing events stay in the outbox",
+                        self.relay.dead_letter_size
+                    );
+                    error!(
+                        source = self.name(),
+                        parked,
+                        capacity = self.relay.dead_letter_size,
+                        "dead-letter table full: failing events stay in the outbox"
+                    );
+                    self.state.set_error(msg);
+                }
+            }
+            Ok::<(), String>(())
+        };
+        tokio::time::timeout(timeout, work)
+            .await
+            .map_err(|_| format!("settle batch: timed out after {timeout:?}"))?
+    }
+}
+
+/// The wake-up side of a source's dedicated connection: NOTIFYs and its death.
+struct WakeUp {
+    rx: tokio::sync::Mutex<UnboundedReceiver<Notice>>,
+    lost: Mutex<Option<String>>,
+}
+
+fn notices_filter(rx: UnboundedReceiver<Notice>) -> WakeUp {
+    WakeUp {
+        rx: tokio::sync::Mutex::new(rx),
+        lost: Mutex::new(None),
+    }
+}
+
+impl WakeUp {
+    /// Why the connection (and so the lock) was lost, if it was.
+    fn lost(&self) -> Option<String> {
+        if let Ok(mut rx) = self.rx.try_lock() {
+            loop {
+                match rx.try_recv() {
+                    Ok(Notice::Closed(why)) => {
+                        self.set_lost(why);
+                        break;
+                    }
+                    Ok(Notice::Notify(_)) => {}
+                    Err(tokio::sync::mpsc::error::TryRecvError::Empty) => break,
+                    Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => {
+                        self.set_lost("connection closed".into());
+                        break;
+                    }
+                }
+            }
+        }
+        self.lost.lock().ok().and_then(|g| g.clone())
+    }
+
+    fn set_lost(&self, why: String) {
+        if let Ok(mut g) = self.lost.lock() {
+            g.get_or_insert(why);
+        }
+    }
+
+    /// Waits until a row for `schema` is committed, the connection dies, or `max` passes.
+    async fn wait(&self, schema: &str, max: Duration) {
+        let mut rx = self.rx.lock().await;
+        let deadline = tokio::time::Instant::now() + max;
+        loop {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Err(_) => return,
+                Ok(Some(Notice::Notify(s))) if s == schema => return,
+                Ok(Some(Notice::Notify(_))) => continue,
+                Ok(Some(Notice::Closed(why))) => {
+                    self.set_lost(why);
+                    return;
+                }
+                Ok(None) => {
+                    self.set_lost("connection closed".into());
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Sleeps for `d` unless cancelled first; returns true when cancelled.
+async fn wait(cancel: &CancellationToken, d: Duration) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(d) => false,
+        _ = cancel.cancelled() => true,
+    }
+}

@@ -1,0 +1,253 @@
+//! The SQL of one source: claim, delete, retry, dead-letter, and the figures for metrics.
+//! Every statement is built once per source with the validated, quoted schema name and
+//! prepared once per connection (`prepare_cached`).
+
+use std::time::{Duration, SystemTime};
+
+use deadpool_postgres::GenericClient;
+use tokio_postgres::Error as PgError;
+use uuid::Uuid;
+
+use crate::db::quote_ident;
+
+/// One outbox row, as the relay reads it.
+#[derive(Debug, Clone)]
+pub struct Event {
+    /// Order of events.
+    pub id: i64,
+    /// Stable identity for consumers' deduplication.
+    pub event_id: Uuid,
+    /// Aggregate type.
+    pub aggregate_type: String,
+    /// Aggregate id: the Kafka key.
+    pub aggregate_id: String,
+    /// Event type.
+    pub event_type: String,
+    /// Payload JSON text; `None` is a tombstone.
+    pub payload: Option<String>,
+    /// Topic override.
+    pub topic: Option<String>,
+    /// Extra headers, JSON text.
+    pub headers: Option<String>,
+    /// Correlation id.
+    pub correlation_id: Option<String>,
+    /// Idempotency token.
+    pub idempotency_token: Option<String>,
+    /// When the service wrote it.
+    pub created_at: SystemTime,
+    /// Failed attempts so far.
+    pub retry_count: i32,
+    /// Attempts allowed before the dead-letter table.
+    pub max_retries: i32,
+}
+
+/// The columns the relay reads, in [`Event`]'s order.
+const COLUMNS: &str = "o.id, o.event_id, o.aggregate_type, o.aggregate_id, o.event_type, \
+     o.payload::text, o.topic, o.headers::text, o.correlation_id, o.idempotency_token, \
+     o.created_at, o.retry_count, COALESCE(o.max_retries, $2::int)";
+
+/// The columns both tables share, for moving rows between them.
+pub const SHARED_COLUMNS: &str =
+    "id, event_id, aggregate_type, aggregate_id, event_type, payload, \
+     topic, headers, correlation_id, idempotency_token, created_at, status, retry_count, \
+     max_retries, last_error, next_attempt_at, published_at";
+
+/// One source's statements.
+#[derive(Debug, Clone)]
+pub struct Store {
+    claim: String,
+    claim_blocking_dead: String,
+    delete: String,
+    retry: String,
+    park: String,
+    dead_letter_count: String,
+    dead_letter_move: String,
+    stats: String,
+}
+
+/// What the outbox and dead-letter tables hold right now.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Stats {
+    /// Rows in the outbox.
+    pub pending: i64,
+    /// Age of the lowest-id row, in seconds (0 when empty).
+    pub oldest_age_secs: f64,
+    /// Rows in the dead-letter table.
+    pub dead_letter_rows: i64,
+}
+
+impl Store {
+    /// Builds the statements for `schema`, which config validation has checked.
+    pub fn new(schema: &str) -> Store {
+        let s = quote_ident(schema);
+        // A row waiting for its retry holds back its aggregate's later rows.
+        let base_filter = format!(
+            "(o.next_attempt_at IS NULL OR o.next_attempt_at <= now()) \
+             AND NOT EXISTS (SELECT 1 FROM {s}.outbox w \
+                 WHERE w.next_attempt_at IS NOT NULL AND w.next_attempt_at > now() \
+                 AND w.aggregate_type = o.aggregate_type AND w.aggregate_id = o.aggregate_id \
+                 AND w.id < o.id)"
+        );
+        Store {
+            claim: format!(
+                "SELECT {COLUMNS} FROM {s}.outbox o WHERE {base_filter} ORDER BY o.id LIMIT $1"
+            ),
+            claim_blocking_dead: format!(
+                "SELECT {COLUMNS} FROM {s}.outbox o WHERE {base_filter} \
+                 AND NOT EXISTS (SELECT 1 FROM {s}.outbox_dead_letter d \
+                     WHERE d.aggregate_type = o.aggregate_type AND d.aggregate_id = o.aggregate_id \
+                     AND d.id < o.id) \
+                 ORDER BY o.id LIMIT $1"
+            ),
+            delete: format!("DELETE FROM {s}.outbox WHERE id = ANY($1)"),
+            retry: format!(
+                "UPDATE {s}.outbox o SET retry_count = o.retry_count + 1, last_error = u.error, \
+                 status = 'retrying', next_attempt_at = now() + u.delay_ms * interval '1 millisecond' \
+                 FROM unnest($1::bigint[], $2::text[], $3::bigint[]) AS u(id, error, delay_ms) \
+                 WHERE o.id = u.id"
+            ),
+            park: format!(
+                "UPDATE {s}.outbox o SET last_error = u.error, status = 'dead_letter_full', \
+                 next_attempt_at = now() + $3::bigint * interval '1 millisecond' \
+                 FROM unnest($1::bigint[], $2::text[]) AS u(id, error) WHERE o.id = u.id"
+            ),
+            dead_letter_count: format!("SELECT count(*) FROM {s}.outbox_dead_letter"),
+            dead_letter_move: format!(
+                "WITH f AS (SELECT * FROM unnest($1::bigint[], $2::text[]) AS f(id, error)), \
+                 moved AS (DELETE FROM {s}.outbox o USING f WHERE o.id = f.id \
+                     RETURNING o.id, o.event_id, o.aggregate_type, o.aggregate_id, o.event_type, \
+                     o.payload, o.topic, o.headers, o.correlation_id, o.idempotency_token, \
+                     o.created_at, o.retry_count, o.max_retries, o.last_error, o.next_attempt_at, \
+                     o.published_at, f.error AS dl_error) \
+                 INSERT INTO {s}.outbox_dead_letter ({SHARED_COLUMNS}, failed_at, error) \
+                 SELECT id, event_id, aggregate_type, aggregate_id, event_type, payload, topic, \
+                     headers, correlation_id, idempotency_token, created_at, 'dead', retry_count, \
+                     max_retries, last_error, next_attempt_at, published_at, now(), dl_error \
+                 FROM moved"
+            ),
+            stats: format!(
+                "SELECT (SELECT count(*) FROM {s}.outbox), \
+                 COALESCE((SELECT EXTRACT(EPOCH FROM now() - created_at)::float8 \
+                     FROM {s}.outbox ORDER BY id LIMIT 1), 0), \
+                 (SELECT count(*) FROM {s}.outbox_dead_letter)"
+            ),
+        }
+    }
+
+    /// Claims up to `limit` rows in id order, skipping rows waiting for a retry and the
+    /// later rows of their aggregates (and, with `block_after_dead_letter`, of aggregates
+    /// with a dead-lettered event). Takes no lock: one relay holds the source at a time.
+    pub async fn claim<C: GenericClient>(
+        &self,
+        client: &C,
+        limit: i64,
+        default_max_retries: i32,
+        block_after_dead_letter: bool,
+    ) -> Result<Vec<Event>, PgError> {
+        let sql = if block_after_dead_letter {
+            &self.claim_blocking_dead
+        } else {
+            &self.claim
+        };
+        let stmt = client.prepare_cached(sql).await?;
+        let rows = client.query(&stmt, &[&limit, &default_max_retries]).await?;
+        Ok(rows
+            .iter()
+            .map(|r| Event {
+                id: r.get(0),
+                event_id: r.get(1),
+                aggregate_type: r.get(2),
+                aggregate_id: r.get(3),
+                event_type: r.get(4),
+                payload: r.get(5),
+                topic: r.get(6),
+                headers: r.get(7),
+                correlation_id: r.get(8),
+                idempotency_token: r.get(9),
+                created_at: r.get(10),
+                retry_count: r.get(11),
+                max_retries: r.get(12),
+            })
+            .collect())
+    }
+
+    /// Deletes delivered rows, `chunk` ids per statement.
+    pub async fn delete<C: GenericClient>(
+        &self,
+        client: &C,
+        ids: &[i64],
+        chunk: usize,
+    ) -> Result<u64, PgError> {
+        let stmt = client.prepare_cached(&self.delete).await?;
+        let mut n = 0;
+        for part in ids.chunks(chunk.max(1)) {
+            n += client.execute(&stmt, &[&part]).await?;
+        }
+        Ok(n)
+    }
+
+    /// Records a failed attempt of each row: retry count up, error kept, next attempt
+    /// after its delay.
+    pub async fn record_retries<C: GenericClient>(
+        &self,
+        client: &C,
+        ids: &[i64],
+        errors: &[String],
+        delays: &[Duration],
+    ) -> Result<u64, PgError> {
+        let stmt = client.prepare_cached(&self.retry).await?;
+        let delays: Vec<i64> = delays.iter().map(|d| d.as_millis() as i64).collect();
+        client.execute(&stmt, &[&ids, &errors, &delays]).await
+    }
+
+    /// Moves rows to the dead-letter table, atomically, as far as `capacity` allows.
+    /// Rows that do not fit stay in the outbox, parked for `park_for`. Returns how many
+    /// moved and how many were parked.
+    pub async fn dead_letter(
+        &self,
+        client: &mut deadpool_postgres::Client,
+        ids: &[i64],
+        errors: &[String],
+        capacity: i64,
+        park_for: Duration,
+    ) -> Result<(u64, u64), PgError> {
+        let count_stmt = client.prepare_cached(&self.dead_letter_count).await?;
+        let move_stmt = client.prepare_cached(&self.dead_letter_move).await?;
+        let park_stmt = client.prepare_cached(&self.park).await?;
+        let tx = client.transaction().await?;
+        let used: i64 = tx.query_one(&count_stmt, &[]).await?.get(0);
+        let room = (capacity - used).clamp(0, ids.len() as i64) as usize;
+        let moved = if room > 0 {
+            tx.execute(&move_stmt, &[&&ids[..room], &&errors[..room]])
+                .await?
+        } else {
+            0
+        };
+        let mut parked = 0;
+        if room < ids.len() {
+            let errs: Vec<String> = errors[room..]
+                .iter()
+                .map(|e| {
+                    format!("dead-letter table full ({used} of {capacity} rows); not moved: {e}")
+                })
+                .collect();
+            let park_ms = park_for.as_millis() as i64;
+            parked = tx
+                .execute(&park_stmt, &[&&ids[room..], &errs, &park_ms])
+                .await?;
+        }
+        tx.commit().await?;
+        Ok((moved, parked))
+    }
+
+    /// Counts for metrics and health.
+    pub async fn stats<C: GenericClient>(&self, client: &C) -> Result<Stats, PgError> {
+        let stmt = client.prepare_cached(&self.stats).await?;
+        let row = client.query_one(&stmt, &[]).await?;
+        Ok(Stats {
+            pending: row.get(0),
+            oldest_age_secs: row.get(1),
+            dead_letter_rows: row.get(2),
+        })
+    }
+}
