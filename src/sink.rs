@@ -146,7 +146,9 @@ pub fn producer(
             "socket.timeout.ms",
             operation_timeout.as_millis().max(10).to_string(),
         )
-        .set("linger.ms", "5");
+        .set("linger.ms", "5")
+        // Reconnect within a second of a broker's return, not librdkafka's 10s.
+        .set("reconnect.backoff.max.ms", "1000");
     for (k, v) in &kafka.properties {
         cfg.set(k, v);
     }

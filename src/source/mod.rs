@@ -11,6 +11,7 @@
 
 pub mod store;
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -351,8 +352,10 @@ impl Source {
                 immediate = false;
                 continue;
             }
+            self.state.beat();
             let publish_started = Instant::now();
             let settled = self.publish(&batch).await;
+            self.state.beat();
             publish_hist.observe(publish_started.elapsed().as_secs_f64());
             let acked_at = SystemTime::now();
             for e in batch
@@ -444,29 +447,49 @@ impl Source {
         let mut settled = Settled::default();
         let event_ids: Vec<String> = batch.iter().map(|e| e.event_id.to_string()).collect();
         let mut pending = Vec::with_capacity(batch.len());
+        // Aggregates whose earlier event in this batch failed before reaching the
+        // producer: their later events stay in the outbox, so they cannot overtake it.
+        let mut held: HashSet<(&str, &str)> = HashSet::new();
+        let hold_after_dead = self.relay.retry.after_dead_letter == AfterDeadLetter::Block;
         for (e, event_id) in batch.iter().zip(&event_ids) {
-            let record = match build_record(e, self.name(), &self.settings.topic, event_id) {
-                Ok(r) => r,
-                Err(f) => {
-                    settled.dead.push((e.id, f));
-                    continue;
-                }
-            };
-            let mut fr = FutureRecord::to(record.topic)
-                .key(record.key)
-                .headers(record.headers);
-            if let Some(p) = record.payload {
-                fr = fr.payload(p);
+            let aggregate = (e.aggregate_type.as_str(), e.aggregate_id.as_str());
+            if held.contains(&aggregate) {
+                continue;
             }
-            match self.producer.send_result(fr) {
+            let sent = match build_record(e, self.name(), &self.settings.topic, event_id) {
+                Ok(record) => {
+                    let mut fr = FutureRecord::to(record.topic)
+                        .key(record.key)
+                        .headers(record.headers);
+                    if let Some(p) = record.payload {
+                        fr = fr.payload(p);
+                    }
+                    self.producer
+                        .send_result(fr)
+                        .map_err(|(err, _)| classify(&err))
+                }
+                Err(f) => Err(f),
+            };
+            match sent {
                 Ok(fut) => pending.push((e, fut)),
-                Err((err, _)) => {
-                    let f = classify(&err);
+                Err(f) => {
                     self.note_failure(e, &f);
                     match f.blame {
-                        Blame::Permanent => settled.dead.push((e.id, f)),
-                        Blame::Retry => settled.retry.push((e.id, e.retry_count, e.max_retries, f)),
-                        Blame::Transport => settled.transport = Some(f),
+                        Blame::Permanent => {
+                            if hold_after_dead {
+                                held.insert(aggregate);
+                            }
+                            settled.dead.push((e.id, f));
+                        }
+                        Blame::Retry => {
+                            held.insert(aggregate);
+                            settled.retry.push((e.id, e.retry_count, e.max_retries, f));
+                        }
+                        Blame::Transport => {
+                            // The producer cannot take more; the rest of the batch stays put.
+                            settled.transport = Some(f);
+                            break;
+                        }
                     }
                 }
             }
