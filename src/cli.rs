@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
@@ -39,6 +39,64 @@ pub enum Command {
     Migrate,
     /// Print the effective configuration, secrets redacted; exit 64 when it is bad.
     CheckConfig,
+    /// See, replay or purge a source's dead-lettered events.
+    #[command(subcommand)]
+    DeadLetter(DeadLetterCommand),
+}
+
+/// Which dead-lettered events, and how to print them.
+#[derive(Debug, Args)]
+pub struct DeadLetterArgs {
+    /// The source (its `name` in the configuration).
+    #[arg(long, short)]
+    pub source: String,
+    /// Only these ids (the outbox ids the events had); repeat or comma-separate.
+    #[arg(long, value_delimiter = ',')]
+    pub id: Vec<i64>,
+    /// Every event matching the other filters (replay and purge need --id or --all).
+    #[arg(long)]
+    pub all: bool,
+    /// Only events of this type.
+    #[arg(long)]
+    pub event_type: Option<String>,
+    /// Only events dead-lettered longer ago than this (e.g. 30m, 2h, 7d).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub older_than: Option<std::time::Duration>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `dead-letter` verbs.
+#[derive(Debug, Subcommand)]
+pub enum DeadLetterCommand {
+    /// List dead-lettered events, oldest failure first.
+    List {
+        #[command(flatten)]
+        args: DeadLetterArgs,
+        /// At most this many rows.
+        #[arg(long, default_value_t = 100)]
+        limit: i64,
+    },
+    /// Show dead-lettered events in full, payload included.
+    Show {
+        #[command(flatten)]
+        args: DeadLetterArgs,
+    },
+    /// Move events back into the outbox (id, event_id and idempotency_token kept,
+    /// retries reset), atomically. Fix the cause first.
+    Replay {
+        #[command(flatten)]
+        args: DeadLetterArgs,
+    },
+    /// Delete events for good. Asks for confirmation unless --yes.
+    Purge {
+        #[command(flatten)]
+        args: DeadLetterArgs,
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        yes: bool,
+    },
 }
 
 /// Runs the command line; what `main` calls.
@@ -96,6 +154,7 @@ pub fn main(cli: Cli) -> ExitCode {
                 crate::app::run(settings, shutdown).await
             }
             Command::CheckConfig => Ok(()),
+            Command::DeadLetter(cmd) => dead_letter(&settings, cmd).await,
         }
     });
     match result {
@@ -106,6 +165,93 @@ pub fn main(cli: Cli) -> ExitCode {
             ExitCode::from(EXIT_FAILURE)
         }
     }
+}
+
+async fn dead_letter(settings: &Settings, cmd: DeadLetterCommand) -> anyhow::Result<()> {
+    use crate::dead_letter as dl;
+    use std::io::{BufRead, IsTerminal, Write};
+    let timeout = settings.operation_timeout;
+    let args = match &cmd {
+        DeadLetterCommand::List { args, .. }
+        | DeadLetterCommand::Show { args }
+        | DeadLetterCommand::Replay { args }
+        | DeadLetterCommand::Purge { args, .. } => args,
+    };
+    let source = settings.source(&args.source)?;
+    let filter = dl::Filter {
+        ids: args.id.clone(),
+        event_type: args.event_type.clone(),
+        older_than: args.older_than,
+        all: args.all,
+    };
+    let print_ids = |what: &str, ids: &[i64]| {
+        if args.json {
+            println!(
+                "{}",
+                serde_json::json!({ "source": source.name, what: ids })
+            );
+        } else {
+            println!(
+                "{}: {what} {} event(s){}",
+                source.name,
+                ids.len(),
+                if ids.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {ids:?}")
+                }
+            );
+        }
+    };
+    match cmd {
+        DeadLetterCommand::List { limit, .. } => {
+            let events = dl::list(source, &filter, limit, false, timeout).await?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&events)?);
+            } else {
+                print!("{}", dl::table(&events));
+            }
+        }
+        DeadLetterCommand::Show { .. } => {
+            if filter.ids.is_empty() && !filter.all {
+                anyhow::bail!("show: name rows with --id (or --all)");
+            }
+            let events = dl::list(source, &filter, 1000, true, timeout).await?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&events)?);
+            } else if events.is_empty() {
+                println!("no matching dead-lettered events");
+            } else {
+                for e in &events {
+                    println!("{}", dl::detail(e));
+                }
+            }
+        }
+        DeadLetterCommand::Replay { .. } => {
+            let ids = dl::replay(source, &filter, timeout).await?;
+            print_ids("replayed", &ids);
+        }
+        DeadLetterCommand::Purge { yes, .. } => {
+            if !yes {
+                let n = dl::list(source, &filter, i64::MAX, false, timeout)
+                    .await?
+                    .len();
+                if !std::io::stdin().is_terminal() {
+                    anyhow::bail!("purge would delete {n} event(s) of source {} for good; pass --yes to confirm", source.name);
+                }
+                eprint!("purge deletes {n} dead-lettered event(s) of source {} for good. Type yes to confirm: ", source.name);
+                std::io::stderr().flush().ok();
+                let mut answer = String::new();
+                std::io::stdin().lock().read_line(&mut answer)?;
+                if answer.trim() != "yes" {
+                    anyhow::bail!("purge cancelled");
+                }
+            }
+            let ids = dl::purge(source, &filter, timeout).await?;
+            print_ids("purged", &ids);
+        }
+    }
+    Ok(())
 }
 
 /// Cancels `shutdown` on SIGTERM or SIGINT.
