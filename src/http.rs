@@ -44,9 +44,11 @@ pub fn router(state: Arc<HttpState>) -> Router {
         .with_state(state)
 }
 
-/// How long a source task may go without a sign of life before `/health` fails.
+/// How long a source task may go without a sign of life before `/health` fails: its
+/// longest idle wait or its longest single step (a Kafka acknowledgement wait is bounded
+/// by `operation_timeout` plus a 5s margin), plus 5s of slack.
 pub fn liveness_bound(s: &Settings) -> Duration {
-    s.process_interval + 2 * s.operation_timeout + Duration::from_secs(10)
+    s.process_interval.max(s.operation_timeout + Duration::from_secs(5)) + Duration::from_secs(5)
 }
 
 async fn health(State(st): State<Arc<HttpState>>) -> Response {
