@@ -824,6 +824,22 @@ topic = "t"
     }
 
     #[test]
+    fn the_shipped_example_loads_with_urls_from_the_environment() {
+        let url = "postgres://relay:pw@db:5432/platform?sslmode=verify-full";
+        let env = env(&[
+            ("CUSTOMER_DATABASE_URL", url),
+            ("PRODUCT_DATABASE_URL", url),
+            ("PRODUCT_ADMIN_DATABASE_URL", url),
+            ("PRODUCT_LOADER_DATABASE_URL", url),
+        ]);
+        let s = Settings::from_parts(Some(include_str!("../config/default.toml")), &env).unwrap();
+        let names: Vec<_> = s.sources.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["customer", "product", "product-admin", "product-loader"]);
+        assert_eq!(s.batch_size, 10);
+        assert_eq!(s.kafka.properties["compression.type"], "lz4");
+    }
+
+    #[test]
     fn durations_accept_seconds_and_humantime() {
         assert_eq!(
             parse_duration(&Value::from(5)).unwrap(),
