@@ -117,6 +117,14 @@ struct Settled {
     retry: Vec<(i64, i32, i32, Failure)>,
     dead: Vec<(i64, Failure)>,
     transport: Option<Failure>,
+    /// Aggregates whose later events must wait (an event of theirs did not go out).
+    held: HashSet<(String, String)>,
+}
+
+/// A batch handed to the producer.
+struct InFlight {
+    settled: Settled,
+    pending: Vec<(usize, rdkafka::producer::DeliveryFuture)>,
 }
 
 /// Logs an outage once at its start, then at most once per [`OUTAGE_REMINDER`], then its end.
@@ -296,6 +304,11 @@ impl Source {
     }
 
     /// Works the source while holding its lock.
+    ///
+    /// Pipelined: while batch N waits for Kafka's acknowledgements, batch N-1 is settled
+    /// (deleted, retried, dead-lettered) and batch N+1 is claimed, excluding N's ids.
+    /// Only one batch is ever with the producer, and N+1 is sent only after N's outcome
+    /// is known, so an aggregate whose event failed in N holds its later events back.
     async fn lead(
         &self,
         wake: &WakeUp,
@@ -305,14 +318,30 @@ impl Source {
         let mut kafka_outage = Outage::new("kafka");
         let (publish_hist, batch_hist, e2e_hist) = self.metrics.source_histograms(self.name());
         let block = self.relay.retry.after_dead_letter == AfterDeadLetter::Block;
+        let full = self.relay.batch_size;
+        // Acknowledged but not yet settled.
+        let mut unsettled: Option<(Vec<Event>, Settled)> = None;
+        // Claimed while the previous batch was in flight, not yet sent.
+        let mut carried: Option<Vec<Event>> = None;
         let mut immediate = true;
         loop {
             self.state.beat();
-            if cancel.is_cancelled() {
-                return Ended::Cancelled;
-            }
-            if let Some(why) = wake.lost() {
-                return Ended::LostLock(why);
+            let stopping = cancel.is_cancelled();
+            let lost = wake.lost();
+            if carried.is_none() || stopping || lost.is_some() {
+                carried = None;
+                // A fresh claim must not see rows that are delivered but not yet deleted.
+                if let Some((batch, settled)) = unsettled.take() {
+                    if let Err(e) = self.settle(&batch, &settled).await {
+                        self.db_failed(db_outage, &e, cancel).await;
+                    }
+                }
+                if stopping {
+                    return Ended::Cancelled;
+                }
+                if let Some(why) = lost {
+                    return Ended::LostLock(why);
+                }
             }
             if !immediate {
                 tokio::select! {
@@ -337,26 +366,42 @@ impl Source {
                 continue;
             }
             let started = Instant::now();
-            let batch = match self.claim(block).await {
-                Ok(b) => {
-                    db_outage.recovered(self.name());
-                    b
-                }
-                Err(e) => {
-                    self.db_failed(db_outage, &e, cancel).await;
-                    immediate = true;
-                    continue;
-                }
+            let batch = match carried.take() {
+                Some(b) => b,
+                None => match self.claim(block, &[]).await {
+                    Ok(b) => {
+                        db_outage.recovered(self.name());
+                        b
+                    }
+                    Err(e) => {
+                        self.db_failed(db_outage, &e, cancel).await;
+                        immediate = true;
+                        continue;
+                    }
+                },
             };
             if batch.is_empty() {
                 immediate = false;
                 continue;
             }
             self.state.beat();
-            let publish_started = Instant::now();
-            let settled = self.publish(&batch).await;
+            let in_flight = self.send(&batch);
+            let claim_next = batch.len() >= full && !cancel.is_cancelled();
+            let ids: Vec<i64> = batch.iter().map(|e| e.id).collect();
+            let previous = unsettled.take();
+            let overlap = async {
+                if let Some((b, st)) = &previous {
+                    self.settle(b, st).await?;
+                }
+                if claim_next {
+                    self.claim(block, &ids).await.map(Some)
+                } else {
+                    Ok(None)
+                }
+            };
+            let (settled, overlapped) = tokio::join!(self.acks(&batch, in_flight), overlap);
             self.state.beat();
-            publish_hist.observe(publish_started.elapsed().as_secs_f64());
+            publish_hist.observe(started.elapsed().as_secs_f64());
             let acked_at = SystemTime::now();
             for e in batch
                 .iter()
@@ -366,18 +411,39 @@ impl Source {
                     e2e_hist.observe(age.as_secs_f64());
                 }
             }
-            match self.settle(&batch, &settled).await {
-                Ok(()) => {}
-                Err(e) => {
-                    // The published rows stay in the outbox and go out again: duplicates, never loss.
-                    self.db_failed(db_outage, &e, cancel).await;
-                    immediate = true;
-                    continue;
+            let next = match overlapped {
+                Ok(next) => {
+                    db_outage.recovered(self.name());
+                    next
                 }
-            }
+                Err(e) => {
+                    // Delivered rows of the previous batch stay in the outbox and go out
+                    // again: duplicates, never loss.
+                    self.db_failed(db_outage, &e, cancel).await;
+                    None
+                }
+            };
+            let transport = settled.transport.clone();
+            carried = next
+                .map(|n| {
+                    n.into_iter()
+                        .filter(|e| {
+                            !settled
+                                .held
+                                .contains(&(e.aggregate_type.clone(), e.aggregate_id.clone()))
+                        })
+                        .collect::<Vec<_>>()
+                })
+                .filter(|n| !n.is_empty() && transport.is_none());
+            unsettled = Some((batch, settled));
             batch_hist.observe(started.elapsed().as_secs_f64());
-            match &settled.transport {
+            match transport {
                 Some(f) => {
+                    if let Some((b, st)) = unsettled.take() {
+                        if let Err(e) = self.settle(&b, &st).await {
+                            self.db_failed(db_outage, &e, cancel).await;
+                        }
+                    }
                     self.metrics
                         .kafka_outage
                         .with_label_values(&[self.name()])
@@ -399,7 +465,7 @@ impl Source {
                         kafka_outage.recovered(self.name());
                     }
                     // A full batch is followed at once by the next.
-                    immediate = batch.len() as i64 >= self.relay.batch_size as i64;
+                    immediate = carried.is_some() || claim_next;
                 }
             }
         }
@@ -423,7 +489,7 @@ impl Source {
             .set(1);
     }
 
-    async fn claim(&self, block: bool) -> Result<Vec<Event>, String> {
+    async fn claim(&self, block: bool, in_flight: &[i64]) -> Result<Vec<Event>, String> {
         let timeout = self.relay.operation_timeout;
         let work = async {
             let client = self.pool.get().await.map_err(|e| format!("pool: {e}"))?;
@@ -433,6 +499,7 @@ impl Source {
                     self.relay.batch_size as i64,
                     self.relay.max_retries,
                     block,
+                    in_flight,
                 )
                 .await
                 .map_err(|e| format!("claim: {e}"))
@@ -442,21 +509,22 @@ impl Source {
             .map_err(|_| format!("claim: timed out after {timeout:?}"))?
     }
 
-    /// Hands the batch to the producer and waits for every acknowledgement.
-    async fn publish(&self, batch: &[Event]) -> Settled {
+    /// Hands the batch to the producer. Rows that fail before reaching it are settled
+    /// here; an aggregate whose earlier row failed keeps its later rows in the outbox.
+    fn send(&self, batch: &[Event]) -> InFlight {
         let mut settled = Settled::default();
-        let event_ids: Vec<String> = batch.iter().map(|e| e.event_id.to_string()).collect();
         let mut pending = Vec::with_capacity(batch.len());
-        // Aggregates whose earlier event in this batch failed before reaching the
-        // producer: their later events stay in the outbox, so they cannot overtake it.
-        let mut held: HashSet<(&str, &str)> = HashSet::new();
         let hold_after_dead = self.relay.retry.after_dead_letter == AfterDeadLetter::Block;
-        for (e, event_id) in batch.iter().zip(&event_ids) {
-            let aggregate = (e.aggregate_type.as_str(), e.aggregate_id.as_str());
-            if held.contains(&aggregate) {
+        let mut event_id = String::with_capacity(36);
+        for (i, e) in batch.iter().enumerate() {
+            let aggregate = (e.aggregate_type.clone(), e.aggregate_id.clone());
+            if settled.held.contains(&aggregate) {
                 continue;
             }
-            let sent = match build_record(e, self.name(), &self.settings.topic, event_id) {
+            event_id.clear();
+            use std::fmt::Write;
+            let _ = write!(event_id, "{}", e.event_id);
+            let sent = match build_record(e, self.name(), &self.settings.topic, &event_id) {
                 Ok(record) => {
                     let mut fr = FutureRecord::to(record.topic)
                         .key(record.key)
@@ -471,30 +539,34 @@ impl Source {
                 Err(f) => Err(f),
             };
             match sent {
-                Ok(fut) => pending.push((e, fut)),
+                Ok(fut) => pending.push((i, fut)),
                 Err(f) => {
-                    self.note_failure(e, &f);
-                    match f.blame {
-                        Blame::Permanent => {
-                            if hold_after_dead {
-                                held.insert(aggregate);
-                            }
-                            settled.dead.push((e.id, f));
+                    if f.blame == Blame::Transport {
+                        // The producer cannot take more; the rest of the batch stays put.
+                        self.note_failure(e, &f);
+                        settled.transport = Some(f);
+                        for rest in &batch[i..] {
+                            settled
+                                .held
+                                .insert((rest.aggregate_type.clone(), rest.aggregate_id.clone()));
                         }
-                        Blame::Retry => {
-                            held.insert(aggregate);
-                            settled.retry.push((e.id, e.retry_count, e.max_retries, f));
-                        }
-                        Blame::Transport => {
-                            // The producer cannot take more; the rest of the batch stays put.
-                            settled.transport = Some(f);
-                            break;
-                        }
+                        break;
                     }
+                    self.record_failure(&mut settled, e, f, hold_after_dead);
                 }
             }
         }
-        let (events, futures): (Vec<&Event>, Vec<_>) = pending.into_iter().unzip();
+        InFlight { settled, pending }
+    }
+
+    /// Waits for every acknowledgement of a sent batch.
+    async fn acks(&self, batch: &[Event], in_flight: InFlight) -> Settled {
+        let InFlight {
+            mut settled,
+            pending,
+        } = in_flight;
+        let hold_after_dead = self.relay.retry.after_dead_letter == AfterDeadLetter::Block;
+        let (index, futures): (Vec<usize>, Vec<_>) = pending.into_iter().unzip();
         // librdkafka resolves every delivery within message.timeout.ms (operation_timeout);
         // the margin only guards against a lost callback.
         let deadline = self.relay.operation_timeout + Duration::from_secs(5);
@@ -506,28 +578,36 @@ impl Source {
                     reason: "transport",
                     message: format!("no acknowledgement within {deadline:?}"),
                 });
+                for e in batch {
+                    settled
+                        .held
+                        .insert((e.aggregate_type.clone(), e.aggregate_id.clone()));
+                }
                 return settled;
             }
         };
-        for (e, r) in events.into_iter().zip(results) {
-            match r {
-                Ok(Ok(_delivery)) => settled.delivered.push(e.id),
-                Ok(Err((err, _msg))) => {
-                    let f = classify(&err);
-                    self.note_failure(e, &f);
-                    match f.blame {
-                        Blame::Permanent => settled.dead.push((e.id, f)),
-                        Blame::Retry => settled.retry.push((e.id, e.retry_count, e.max_retries, f)),
-                        Blame::Transport => settled.transport = Some(f),
-                    }
+        for (i, r) in index.into_iter().zip(results) {
+            let e = &batch[i];
+            let failure = match r {
+                Ok(Ok(_delivery)) => {
+                    settled.delivered.push(e.id);
+                    continue;
                 }
-                Err(_canceled) => {
-                    settled.transport = Some(Failure {
-                        blame: Blame::Transport,
-                        reason: "transport",
-                        message: "the producer dropped the delivery".into(),
-                    })
-                }
+                Ok(Err((err, _msg))) => classify(&err),
+                Err(_canceled) => Failure {
+                    blame: Blame::Transport,
+                    reason: "transport",
+                    message: "the producer dropped the delivery".into(),
+                },
+            };
+            if failure.blame == Blame::Transport {
+                self.note_failure(e, &failure);
+                settled
+                    .held
+                    .insert((e.aggregate_type.clone(), e.aggregate_id.clone()));
+                settled.transport = Some(failure);
+            } else {
+                self.record_failure(&mut settled, e, failure, hold_after_dead);
             }
         }
         settled.delivered.sort_unstable();
@@ -538,6 +618,24 @@ impl Source {
             .inc_by(n);
         self.state.processed.fetch_add(n, Ordering::Relaxed);
         settled
+    }
+
+    /// Files a failure of the event's own (permanent or retryable) for settling.
+    fn record_failure(&self, settled: &mut Settled, e: &Event, f: Failure, hold_after_dead: bool) {
+        self.note_failure(e, &f);
+        let aggregate = (e.aggregate_type.clone(), e.aggregate_id.clone());
+        match f.blame {
+            Blame::Permanent => {
+                if hold_after_dead {
+                    settled.held.insert(aggregate);
+                }
+                settled.dead.push((e.id, f));
+            }
+            Blame::Retry | Blame::Transport => {
+                settled.held.insert(aggregate);
+                settled.retry.push((e.id, e.retry_count, e.max_retries, f));
+            }
+        }
     }
 
     fn note_failure(&self, e: &Event, f: &Failure) {

@@ -81,8 +81,11 @@ impl Store {
     pub fn new(schema: &str) -> Store {
         let s = quote_ident(schema);
         // A row waiting for its retry holds back its aggregate's later rows.
+        // Rows of the batch still with the producer are excluded by id ($3): a hashed
+        // anti-join, never "id > the last id seen", which would skip late commits.
         let base_filter = format!(
             "(o.next_attempt_at IS NULL OR o.next_attempt_at <= now()) \
+             AND o.id NOT IN (SELECT unnest($3::bigint[])) \
              AND NOT EXISTS (SELECT 1 FROM {s}.outbox w \
                  WHERE w.next_attempt_at IS NOT NULL AND w.next_attempt_at > now() \
                  AND w.aggregate_type = o.aggregate_type AND w.aggregate_id = o.aggregate_id \
@@ -143,6 +146,7 @@ impl Store {
         limit: i64,
         default_max_retries: i32,
         block_after_dead_letter: bool,
+        in_flight: &[i64],
     ) -> Result<Vec<Event>, PgError> {
         let sql = if block_after_dead_letter {
             &self.claim_blocking_dead
@@ -150,7 +154,9 @@ impl Store {
             &self.claim
         };
         let stmt = client.prepare_cached(sql).await?;
-        let rows = client.query(&stmt, &[&limit, &default_max_retries]).await?;
+        let rows = client
+            .query(&stmt, &[&limit, &default_max_retries, &in_flight])
+            .await?;
         Ok(rows
             .iter()
             .map(|r| Event {
