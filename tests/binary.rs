@@ -1,0 +1,388 @@
+//! The built `outbox-relay` binary against a real PostgreSQL and a tansu broker process:
+//! migrate, run, kill -9 and restart, SIGTERM, bad configuration.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::relay::{audit, header, insert_events, outbox_rows};
+use common::{consume, create_topic, unique_name, wait_until, Broker, PgServer};
+
+const BIN: &str = env!("CARGO_BIN_EXE_outbox-relay");
+const DEADLINE: Duration = Duration::from_secs(90);
+
+fn relay(config: &Path, args: &[&str], env: &[(&str, &str)], log: &Path) -> Command {
+    let mut c = Command::new(BIN);
+    c.arg("--config").arg(config).args(args);
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .expect("log file");
+    c.env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(out.try_clone().unwrap())
+        .stderr(out);
+    c
+}
+
+fn wait_exit(child: &mut Child, deadline: Duration) -> std::process::ExitStatus {
+    let end = Instant::now() + deadline;
+    loop {
+        if let Some(st) = child.try_wait().expect("try_wait") {
+            return st;
+        }
+        if Instant::now() >= end {
+            let _ = child.kill();
+            panic!("relay did not exit within {deadline:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn sigterm(child: &Child) {
+    let st = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(st.success());
+}
+
+struct Src {
+    name: &'static str,
+    db: &'static str,
+    schema: String,
+    topic: String,
+}
+
+#[test]
+fn migrate_then_run_relays_four_services_in_two_databases_and_sigterm_drains() {
+    let pg = PgServer::start();
+    pg.create_database("catalog");
+    let broker = Broker::start();
+    let dir = tempfile::tempdir().unwrap();
+    let srcs = [
+        ("customer", "postgres"),
+        ("product", "postgres"),
+        ("product-admin", "catalog"),
+        ("product-loader", "catalog"),
+    ]
+    .map(|(name, db)| {
+        let schema = unique_name(&name.replace('-', "_"));
+        Src {
+            name,
+            db,
+            topic: format!("{schema}.events"),
+            schema,
+        }
+    });
+    let mut toml = format!(
+        "database_url = \"{}\"\nprocess_interval = \"300ms\"\noperation_timeout = \"10s\"\nbatch_size = 100\n\
+         [kafka]\nbrokers = \"{}\"\n[http]\nlisten = \"127.0.0.1:{}\"\n",
+        pg.url("postgres"),
+        broker.bootstrap(),
+        common::free_port()
+    );
+    for s in &srcs {
+        create_topic(&broker.bootstrap(), &s.topic, 3);
+        toml.push_str(&format!(
+            "[[sources]]\nname = \"{}\"\nschema = \"{}\"\ntopic = \"{}\"\n{}",
+            s.name,
+            s.schema,
+            s.topic,
+            if s.db == "catalog" {
+                "database_url_env = \"CATALOG_DATABASE_URL\"\n"
+            } else {
+                ""
+            }
+        ));
+    }
+    let config = dir.path().join("relay.toml");
+    std::fs::write(&config, toml).unwrap();
+    // trust auth ignores the password; it is here to prove it never reaches a log line.
+    let catalog_url = format!(
+        "postgres://postgres:never-logged-pw@127.0.0.1:{}/catalog",
+        pg.port
+    );
+    let env = [("CATALOG_DATABASE_URL", catalog_url.as_str())];
+    let log = dir.path().join("relay.log");
+
+    let st = relay(&config, &["migrate"], &env, &log).status().unwrap();
+    assert!(
+        st.success(),
+        "migrate: {}",
+        std::fs::read_to_string(&log).unwrap()
+    );
+    let st = relay(&config, &["migrate"], &env, &log).status().unwrap();
+    assert!(st.success(), "second migrate is a no-op");
+    let out = std::fs::read_to_string(&log).unwrap();
+    assert!(out.contains("customer: up to date"), "{out}");
+
+    let per_source = [400usize, 300, 200, 100];
+    for (s, n) in srcs.iter().zip(per_source) {
+        insert_events(&pg, s.db, &s.schema, n, 9, 0);
+        pg.psql(
+            s.db,
+            &format!(
+                "BEGIN; INSERT INTO {}.outbox (aggregate_type, aggregate_id, event_type, payload) \
+                 VALUES ('x', 'rolled-back', 'Never', '{{\"seq\": -1}}'); ROLLBACK;",
+                s.schema
+            ),
+        );
+    }
+
+    let mut child = relay(&config, &["run"], &env, &log).spawn().unwrap();
+    for (s, n) in srcs.iter().zip(per_source) {
+        let got = consume(&broker.bootstrap(), &s.topic, n, DEADLINE);
+        let (distinct, dups, disorder) = audit(&got);
+        eprintln!(
+            "{}: relayed {distinct}, duplicated {dups}, out of order {disorder}",
+            s.name
+        );
+        assert_eq!((distinct, dups, disorder), (n, 0, 0), "source {}", s.name);
+        assert!(got.iter().all(|r| r.key.as_deref() != Some("rolled-back")));
+        assert!(got.iter().all(|r| header(r, "source") == Some(s.name)));
+        wait_until(&format!("{} outbox empty", s.name), DEADLINE, || {
+            outbox_rows(&pg, s.db, &s.schema) == 0
+        });
+    }
+    // New rows while running are relayed too (woken by NOTIFY or the poll).
+    insert_events(&pg, "catalog", &srcs[3].schema, 50, 5, 1000);
+    let got = consume(&broker.bootstrap(), &srcs[3].topic, 150, DEADLINE);
+    assert_eq!(audit(&got), (150, 0, 0));
+
+    sigterm(&child);
+    let status = wait_exit(&mut child, Duration::from_secs(10));
+    let out = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(status.code(), Some(0), "SIGTERM exits 0:\n{out}");
+    assert!(out.contains("relay stopped"), "{out}");
+    assert!(
+        !out.contains("never-logged-pw"),
+        "a password reached the log:\n{out}"
+    );
+    let json_lines = out.lines().filter(|l| l.starts_with('{')).count();
+    assert!(
+        json_lines > 5,
+        "logs are JSON lines when stdout is not a terminal:\n{out}"
+    );
+}
+
+#[test]
+fn kill_9_mid_stream_then_restart_loses_nothing() {
+    let pg = PgServer::start();
+    let broker = Broker::start();
+    let dir = tempfile::tempdir().unwrap();
+    let schema = unique_name("killed");
+    let topic = format!("{schema}.events");
+    create_topic(&broker.bootstrap(), &topic, 3);
+    let toml = format!(
+        "database_url = \"{}\"\nprocess_interval = \"300ms\"\noperation_timeout = \"10s\"\nbatch_size = 100\n\
+         [kafka]\nbrokers = \"{}\"\n[http]\nlisten = \"127.0.0.1:0\"\n\
+         [[sources]]\nname = \"killed\"\nschema = \"{schema}\"\ntopic = \"{topic}\"\n",
+        pg.url("postgres"),
+        broker.bootstrap(),
+    );
+    let config = dir.path().join("relay.toml");
+    std::fs::write(&config, toml).unwrap();
+    let log = dir.path().join("relay.log");
+    assert!(relay(&config, &["migrate"], &[], &log)
+        .status()
+        .unwrap()
+        .success());
+    let total = 40_000;
+    insert_events(&pg, "postgres", &schema, total, 101, 0);
+
+    let mut child = relay(&config, &["run"], &[], &log).spawn().unwrap();
+    wait_until("the relay is mid-stream", DEADLINE, || {
+        outbox_rows(&pg, "postgres", &schema) <= (total - 3000) as i64
+    });
+    child.kill().expect("kill -9"); // SIGKILL
+    let _ = child.wait();
+    let left = outbox_rows(&pg, "postgres", &schema);
+    assert!(
+        left > 0,
+        "the relay finished before it was killed; the test proves nothing"
+    );
+    eprintln!("killed with {left} of {total} rows left");
+
+    let mut child = relay(&config, &["run"], &[], &log).spawn().unwrap();
+    wait_until("outbox empty after restart", DEADLINE, || {
+        outbox_rows(&pg, "postgres", &schema) == 0
+    });
+    let got = consume(&broker.bootstrap(), &topic, total, DEADLINE);
+    sigterm(&child);
+    let status = wait_exit(&mut child, Duration::from_secs(10));
+    assert_eq!(status.code(), Some(0));
+    let (distinct, dups, disorder) = audit(&got);
+    eprintln!("after kill -9: relayed {distinct} of {total}, lost {}, duplicated {dups}, out of order {disorder}", total - distinct);
+    assert_eq!(distinct, total, "nothing lost");
+    assert_eq!(disorder, 0, "per-aggregate order kept across the crash");
+}
+
+#[test]
+fn bad_configuration_exits_64_naming_every_bad_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("bad.toml");
+    std::fs::write(
+        &config,
+        "batch_size = \"lots\"\nprocces_interval = 5\n[[sources]]\nname = \"a\"\nschema = \"A; drop table x\"\ntopic = \"t\"\n",
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .arg("--config")
+        .arg(&config)
+        .arg("check-config")
+        .env("OUTBOX_OPERATION_TIMEOUT", "forever")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{err}");
+    for key in [
+        "batch_size",
+        "procces_interval: unknown key",
+        "sources[0].schema",
+        "sources[0].database_url",
+        "operation_timeout",
+    ] {
+        assert!(err.contains(key), "{key} missing from:\n{err}");
+    }
+    let out = Command::new(BIN)
+        .arg("--config")
+        .arg(dir.path().join("missing.toml"))
+        .arg("run")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("missing.toml"));
+}
+
+#[test]
+fn dead_letter_tool_lists_shows_replays_and_purges_without_sql() {
+    let pg = PgServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let schema = unique_name("dlq");
+    let toml = format!(
+        "database_url = \"{}\"\n[kafka]\nbrokers = \"127.0.0.1:1\"\n\
+         [[sources]]\nname = \"orders\"\nschema = \"{schema}\"\ntopic = \"orders.events\"\n",
+        pg.url("postgres"),
+    );
+    let config = dir.path().join("relay.toml");
+    std::fs::write(&config, toml).unwrap();
+    let log = dir.path().join("relay.log");
+    assert!(relay(&config, &["migrate"], &[], &log)
+        .status()
+        .unwrap()
+        .success());
+    // Three events the relay gave up on (as the settle step writes them).
+    pg.psql(
+        "postgres",
+        &format!(
+            "INSERT INTO {schema}.outbox_dead_letter (id, event_id, aggregate_type, aggregate_id, event_type, payload, idempotency_token, created_at, retry_count, failed_at, error) VALUES \
+             (11, gen_random_uuid(), 'order', 'o-1', 'OrderPlaced', '{{\"total\": 5}}', 'tok-11', now() - interval '3 hours', 3, now() - interval '2 hours', 'unknown_topic: topic missing'), \
+             (12, gen_random_uuid(), 'order', 'o-2', 'OrderPlaced', '{{\"total\": 7}}', NULL, now(), 0, now(), 'message_too_large: too big'), \
+             (13, gen_random_uuid(), 'order', 'o-3', 'OrderCancelled', NULL, NULL, now(), 0, now(), 'invalid_record: headers');"
+        ),
+    );
+    let run = |args: &[&str]| {
+        let out = Command::new(BIN)
+            .arg("--config")
+            .arg(&config)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, table, err) = run(&["dead-letter", "list", "--source", "orders"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(table.starts_with("ID"), "{table}");
+    assert_eq!(table.lines().count(), 4, "{table}");
+    assert!(table.contains("unknown_topic: topic missing"), "{table}");
+
+    let (_, json, _) = run(&[
+        "dead-letter",
+        "list",
+        "--source",
+        "orders",
+        "--event-type",
+        "OrderPlaced",
+        "--older-than",
+        "1h",
+        "--json",
+    ]);
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(v.as_array().unwrap().len(), 1, "{json}");
+    assert_eq!(v[0]["id"], 11);
+
+    let (code, shown, _) = run(&["dead-letter", "show", "--source", "orders", "--id", "11"]);
+    assert_eq!(code, Some(0));
+    assert!(
+        shown.contains("\"total\": 5") && shown.contains("tok-11"),
+        "{shown}"
+    );
+
+    let (code, _, err) = run(&["dead-letter", "replay", "--source", "orders"]);
+    assert_ne!(code, Some(0), "replay without --id or --all refuses");
+    assert!(err.contains("--all"), "{err}");
+
+    let (code, out, err) = run(&[
+        "dead-letter",
+        "replay",
+        "--source",
+        "orders",
+        "--id",
+        "11",
+        "--json",
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()["replayed"],
+        serde_json::json!([11])
+    );
+    let back = pg.psql(
+        "postgres",
+        &format!("SELECT id, retry_count, idempotency_token, status FROM {schema}.outbox"),
+    );
+    assert_eq!(
+        back, "11|0|tok-11|pending",
+        "id and token kept, retries reset"
+    );
+
+    let (code, _, err) = run(&["dead-letter", "purge", "--source", "orders", "--all"]);
+    assert_ne!(
+        code,
+        Some(0),
+        "purge without --yes and without a terminal refuses"
+    );
+    assert!(err.contains("--yes"), "{err}");
+    assert_eq!(dead_letter_count(&pg, &schema), 2);
+    let (code, out, _) = run(&[
+        "dead-letter",
+        "purge",
+        "--source",
+        "orders",
+        "--id",
+        "12,13",
+        "--yes",
+    ]);
+    assert_eq!(code, Some(0));
+    assert!(out.contains("purged 2"), "{out}");
+    assert_eq!(dead_letter_count(&pg, &schema), 0);
+
+    let (code, _, err) = run(&["dead-letter", "list", "--source", "nope"]);
+    assert_ne!(code, Some(0));
+    assert!(err.contains("no source named \"nope\""), "{err}");
+}
+
+fn dead_letter_count(pg: &PgServer, schema: &str) -> i64 {
+    common::relay::dead_letter_rows(pg, "postgres", schema)
+}

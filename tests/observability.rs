@@ -1,0 +1,230 @@
+//! `/health`, `/health/deep` and `/metrics` of a real relay over a real PostgreSQL and
+//! librdkafka's mock cluster.
+
+mod common;
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use common::relay::{
+    insert_events, migrate, settings, toml, wait_outbox_empty, TestRelay, TestSource,
+};
+use common::{consume_async, PgServer};
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::DefaultProducerContext;
+
+const DEADLINE: Duration = Duration::from_secs(60);
+
+fn mock(topics: &[&str]) -> MockCluster<'static, DefaultProducerContext> {
+    let m = MockCluster::new(1).expect("mock cluster");
+    for t in topics {
+        m.create_topic(t, 2, 1).expect("create topic");
+    }
+    m
+}
+
+fn scrape(text: &str) -> prometheus_parse::Scrape {
+    prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string())))
+        .unwrap_or_else(|e| panic!("not Prometheus text format: {e}\n{text}"))
+}
+
+fn value(s: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    s.samples
+        .iter()
+        .find(|x| x.metric == name && labels.iter().all(|(k, v)| x.labels.get(k) == Some(*v)))
+        .map(|x| match x.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            prometheus_parse::Value::Histogram(ref h) => h.last().map(|b| b.count).unwrap_or(0.0),
+            prometheus_parse::Value::Summary(_) => f64::NAN,
+        })
+}
+
+/// Polls `path` until `ok(status, body)` holds; returns the last answer.
+async fn until(
+    relay: &TestRelay,
+    path: &str,
+    deadline: Duration,
+    ok: impl Fn(u16, &str) -> bool,
+) -> (u16, String) {
+    let end = Instant::now() + deadline;
+    loop {
+        let (code, body) = relay.get(path).await;
+        if ok(code, &body) {
+            return (code, body);
+        }
+        assert!(
+            Instant::now() < end,
+            "{path} never satisfied the condition; last: {code} {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn metrics_count_every_event_and_every_series_exists_from_the_start() {
+    let pg = PgServer::start();
+    let busy = TestSource::new(&pg, "postgres", "busy");
+    let quiet = TestSource::new(&pg, "postgres", "quiet");
+    let kafka = mock(&[&busy.topic, &quiet.topic]);
+    let s = settings(&toml(
+        &[&busy, &quiet],
+        &kafka.bootstrap_servers(),
+        "batch_size = 30",
+    ));
+    migrate(&s).await;
+    let mut relay = TestRelay::start(s).await;
+
+    let (code, first) = relay.get("/metrics").await;
+    assert_eq!(code, 200);
+    let m = scrape(&first);
+    for reason in [
+        "transport",
+        "message_too_large",
+        "invalid_topic",
+        "invalid_record",
+        "unknown_topic",
+        "other",
+    ] {
+        assert_eq!(
+            value(
+                &m,
+                "outbox_events_failed_total",
+                &[("source", &quiet.name), ("reason", reason)]
+            ),
+            Some(0.0),
+            "failed_total{{reason={reason}}} exists at zero"
+        );
+    }
+
+    let n = 250;
+    insert_events(&pg, "postgres", &busy.schema, n, 9, 0);
+    let got = consume_async(&kafka.bootstrap_servers(), &busy.topic, n, DEADLINE).await;
+    assert_eq!(got.len(), n);
+    wait_outbox_empty(&busy.url, &busy.schema, DEADLINE).await;
+    let (_, text) = until(&relay, "/metrics", DEADLINE, |_, b| {
+        let m = scrape(b);
+        value(&m, "outbox_events_pending", &[("source", &busy.name)]) == Some(0.0)
+            && value(
+                &m,
+                "outbox_events_published_total",
+                &[("source", &busy.name)],
+            ) == Some(n as f64)
+    })
+    .await;
+    let m = scrape(&text);
+    let busy_l = [("source", busy.name.as_str())];
+    let quiet_l = [("source", quiet.name.as_str())];
+    assert_eq!(
+        value(&m, "outbox_events_published_total", &busy_l),
+        Some(n as f64)
+    );
+    assert_eq!(
+        value(&m, "outbox_events_published_total", &quiet_l),
+        Some(0.0)
+    );
+    assert_eq!(
+        value(&m, "outbox_end_to_end_latency_seconds_count", &busy_l),
+        Some(n as f64)
+    );
+    assert!(value(&m, "outbox_batch_duration_seconds_count", &busy_l).unwrap() >= (n / 30) as f64);
+    assert!(value(&m, "outbox_publish_duration_seconds_count", &busy_l).unwrap() >= 1.0);
+    assert_eq!(value(&m, "outbox_source_leader", &busy_l), Some(1.0));
+    assert_eq!(value(&m, "outbox_source_up", &quiet_l), Some(1.0));
+    for name in [
+        "outbox_events_dead_lettered_total",
+        "outbox_events_pending",
+        "outbox_oldest_pending_age_seconds",
+        "outbox_dead_letter_rows",
+        "outbox_poll_errors_total",
+    ] {
+        assert_eq!(value(&m, name, &quiet_l), Some(0.0), "{name}");
+    }
+    for name in [
+        "process_resident_memory_bytes",
+        "process_cpu_seconds_total",
+        "process_open_fds",
+    ] {
+        assert!(value(&m, name, &[]).unwrap_or(0.0) > 0.0, "{name}");
+    }
+    assert_eq!(
+        value(
+            &m,
+            "outbox_relay_build_info",
+            &[("version", env!("CARGO_PKG_VERSION"))]
+        ),
+        Some(1.0)
+    );
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_down_turns_deep_health_503_while_liveness_stays_200() {
+    let pg = PgServer::start();
+    let src = TestSource::new(&pg, "postgres", "pgdown");
+    let kafka = mock(&[&src.topic]);
+    let s = settings(&toml(&[&src], &kafka.bootstrap_servers(), ""));
+    migrate(&s).await;
+    let mut relay = TestRelay::start(s).await;
+    let (code, body) = until(&relay, "/health/deep", DEADLINE, |c, _| c == 200).await;
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["status"], "ok");
+    let checks = v["checks"].as_array().unwrap();
+    let lag = checks
+        .iter()
+        .find(|c| c["component"] == format!("lag:{}", src.name))
+        .unwrap();
+    for k in [
+        "events_processed",
+        "events_failed",
+        "events_pending",
+        "last_error",
+        "health_status",
+    ] {
+        assert!(lag["details"].get(k).is_some(), "{k} missing from {lag}");
+    }
+    assert_eq!(code, 200);
+
+    pg.stop();
+    let (_, body) = until(&relay, "/health/deep", DEADLINE, |c, _| c == 503).await;
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let db = v["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["component"] == format!("database:{}", src.name))
+        .unwrap()
+        .clone();
+    assert_eq!(db["status"], "down", "{v}");
+    for _ in 0..10 {
+        let (code, body) = relay.get("/health").await;
+        assert_eq!(code, 200, "liveness must not depend on PostgreSQL: {body}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    pg.restart();
+    until(&relay, "/health/deep", DEADLINE, |c, _| c == 200).await;
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stalled_task_turns_liveness_503() {
+    let pg = PgServer::start();
+    let src = TestSource::new(&pg, "postgres", "stall");
+    let kafka = mock(&[&src.topic]);
+    let s = settings(
+        &toml(&[&src], &kafka.bootstrap_servers(), "")
+            .replace("operation_timeout = \"10s\"", "operation_timeout = \"1s\""),
+    );
+    migrate(&s).await;
+    let mut relay = TestRelay::start(s).await;
+    let (code, _) = until(&relay, "/health", DEADLINE, |c, _| c == 200).await;
+    assert_eq!(code, 200);
+    let state = relay.running().state(&src.name).unwrap().clone();
+    state.stall.store(true, Ordering::Relaxed);
+    let (_, body) = until(&relay, "/health", DEADLINE, |c, _| c == 503).await;
+    assert!(body.contains("stuck"), "{body}");
+    state.stall.store(false, Ordering::Relaxed);
+    until(&relay, "/health", DEADLINE, |c, _| c == 200).await;
+    relay.stop().await;
+}

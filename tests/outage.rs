@@ -1,0 +1,176 @@
+//! A broker that goes away: librdkafka's mock cluster takes its broker down.
+//!
+//! These tests run one at a time in their own test binary: taking a mock broker down
+//! closes and re-binds its listening port, and a port grabbed in between by a parallel
+//! test's socket would abort the process.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::relay::{
+    audit, dead_letter_rows, insert_events, migrate, outbox_rows, settings, toml,
+    wait_outbox_empty, TestRelay, TestSource,
+};
+use common::{consume_async, PgServer};
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::DefaultProducerContext;
+
+const DEADLINE: Duration = Duration::from_secs(60);
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn mock(topics: &[&str], partitions: i32) -> MockCluster<'static, DefaultProducerContext> {
+    let m = MockCluster::new(1).expect("mock cluster");
+    for t in topics {
+        m.create_topic(t, partitions, 1).expect("create topic");
+    }
+    m
+}
+
+fn scrape(text: &str) -> prometheus_parse::Scrape {
+    prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string())))
+        .unwrap_or_else(|e| panic!("not Prometheus text format: {e}\n{text}"))
+}
+
+fn gauge(s: &prometheus_parse::Scrape, name: &str, source: &str) -> f64 {
+    s.samples
+        .iter()
+        .find(|x| x.metric == name && x.labels.get("source") == Some(source))
+        .map(|x| match x.value {
+            prometheus_parse::Value::Gauge(v) | prometheus_parse::Value::Untyped(v) => v,
+            _ => f64::NAN,
+        })
+        .unwrap_or(f64::NAN)
+}
+
+/// Polls `path` until `ok(status, body)` holds; returns the last answer.
+async fn until(
+    relay: &TestRelay,
+    path: &str,
+    deadline: Duration,
+    ok: impl Fn(u16, &str) -> bool,
+) -> (u16, String) {
+    let end = Instant::now() + deadline;
+    loop {
+        let (code, body) = relay.get(path).await;
+        if ok(code, &body) {
+            return (code, body);
+        }
+        assert!(
+            Instant::now() < end,
+            "{path} never satisfied the condition; last: {code} {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_broker_outage_of_30s_loses_nothing_and_dead_letters_nothing() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let pg = PgServer::start();
+    let src = TestSource::new(&pg, "postgres", "outage");
+    let kafka = mock(&[&src.topic], 3);
+    let s = settings(&toml(
+        &[&src],
+        &kafka.bootstrap_servers(),
+        "batch_size = 50\nmax_retries = 1",
+    ));
+    migrate(&s).await;
+    let mut relay = TestRelay::start(s).await;
+    insert_events(&pg, "postgres", &src.schema, 100, 7, 0);
+    let first = consume_async(&kafka.bootstrap_servers(), &src.topic, 100, DEADLINE).await;
+    assert_eq!(audit(&first), (100, 0, 0));
+
+    kafka.broker_down(1).expect("broker down");
+    let down_at = Instant::now();
+    insert_events(&pg, "postgres", &src.schema, 500, 7, 100);
+    // Hold the outage for 30s: nothing may leave the outbox, burn a retry or be dead-lettered.
+    let state = relay.running().state(&src.name).unwrap().clone();
+    while down_at.elapsed() < Duration::from_secs(30) {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(outbox_rows(&pg, "postgres", &src.schema), 500);
+        assert_eq!(dead_letter_rows(&pg, "postgres", &src.schema), 0);
+    }
+    let burnt = pg.psql(
+        "postgres",
+        &format!(
+            "SELECT count(*) FROM {}.outbox WHERE retry_count > 0 OR next_attempt_at IS NOT NULL",
+            src.schema
+        ),
+    );
+    assert_eq!(
+        burnt, "0",
+        "a transport outage must not burn the events' retries"
+    );
+    assert!(
+        state.last_error.lock().unwrap().is_some(),
+        "the outage is visible"
+    );
+    let (code, body) = relay.get("/health").await;
+    assert_eq!(code, 200, "liveness does not depend on Kafka: {body}");
+
+    kafka.broker_up(1).expect("broker up");
+    let up_at = Instant::now();
+    wait_outbox_empty(&src.url, &src.schema, DEADLINE).await;
+    let resumed_in = up_at.elapsed();
+    let all = consume_async(&kafka.bootstrap_servers(), &src.topic, 600, DEADLINE).await;
+    relay.stop().await;
+    let (distinct, dups, disorder) = audit(&all);
+    eprintln!("outage 30s: relayed {distinct}/600, duplicated {dups}, out of order {disorder}, drained {resumed_in:?} after the broker's return");
+    assert_eq!(distinct, 600, "nothing lost");
+    assert_eq!(disorder, 0);
+    assert_eq!(dead_letter_rows(&pg, "postgres", &src.schema), 0);
+    assert!(
+        resumed_in < Duration::from_secs(15),
+        "resumed {resumed_in:?} after the broker returned"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn held_back_events_grow_the_lag_gauge_and_degrade_the_lag_check() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let pg = PgServer::start();
+    let src = TestSource::new(&pg, "postgres", "lag");
+    let kafka = mock(&[&src.topic], 2);
+    let s = settings(&format!(
+        "{}[health]\nlag_threshold = \"2s\"\nrefresh_interval = \"200ms\"\n",
+        toml(&[&src], &kafka.bootstrap_servers(), "")
+            .replace("[health]\nrefresh_interval = \"200ms\"\n", "")
+    ));
+    migrate(&s).await;
+    let mut relay = TestRelay::start(s).await;
+    kafka.broker_down(1).unwrap();
+    insert_events(&pg, "postgres", &src.schema, 10, 2, 0);
+    let age = |text: &str| {
+        gauge(
+            &scrape(text),
+            "outbox_oldest_pending_age_seconds",
+            &src.name,
+        )
+    };
+    let (_, t1) = until(&relay, "/metrics", DEADLINE, |_, b| age(b) > 0.5).await;
+    let (_, t2) = until(&relay, "/metrics", DEADLINE, |_, b| age(b) > age(&t1) + 1.0).await;
+    assert!(
+        age(&t2) > age(&t1),
+        "the oldest-pending age grows while events are held"
+    );
+    let (code, body) = until(&relay, "/health/deep", DEADLINE, |_, b| {
+        b.contains("\"degraded\"")
+    })
+    .await;
+    assert_eq!(code, 503);
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let lag = v["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["component"] == format!("lag:{}", src.name))
+        .unwrap()
+        .clone();
+    assert_eq!(lag["status"], "degraded", "{v}");
+    assert_eq!(lag["details"]["events_pending"], 10);
+    kafka.broker_up(1).unwrap();
+    wait_outbox_empty(&src.url, &src.schema, DEADLINE).await;
+    until(&relay, "/health/deep", DEADLINE, |c, _| c == 200).await;
+    relay.stop().await;
+}

@@ -1,0 +1,291 @@
+//! The relay in-process against a real PostgreSQL and librdkafka's mock cluster:
+//! what consumers receive, in what order, and what is left in the outbox.
+
+mod common;
+
+use std::time::Duration;
+
+use common::relay::{
+    audit, header, insert_events, migrate, outbox_rows, settings, toml, TestRelay, TestSource,
+};
+use common::{consume_async, PgServer};
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::DefaultProducerContext;
+
+const DEADLINE: Duration = Duration::from_secs(60);
+
+fn mock(topics: &[&str], partitions: i32) -> MockCluster<'static, DefaultProducerContext> {
+    let m = MockCluster::new(1).expect("mock cluster");
+    for t in topics {
+        m.create_topic(t, partitions, 1).expect("create topic");
+    }
+    m
+}
+
+async fn wait_empty(pg: &PgServer, db: &str, schema: &str) {
+    common::relay::wait_outbox_empty(&pg.url(db), schema, DEADLINE).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn committed_events_arrive_exactly_as_written_and_rolled_back_ones_never() {
+    let pg = PgServer::start();
+    let src = TestSource::new(&pg, "postgres", "contract");
+    let other_topic = format!("{}.override", src.schema);
+    let kafka = mock(&[&src.topic, &other_topic], 3);
+    let s = settings(&toml(&[&src], &kafka.bootstrap_servers(), ""));
+    migrate(&s).await;
+    let schema = &src.schema;
+    pg.psql(
+        "postgres",
+        &format!(
+            "INSERT INTO {schema}.outbox (aggregate_type, aggregate_id, event_type, payload, headers, correlation_id, idempotency_token) \
+               VALUES ('customer', 'c-1', 'CustomerCreated', '{{\"name\": \"Ada\", \"n\": 1}}', '{{\"traceparent\": \"00-1\"}}', 'corr-1', 'tok-1');
+             INSERT INTO {schema}.outbox (aggregate_type, aggregate_id, event_type, payload) \
+               VALUES ('customer', 'c-1', 'CustomerDeleted', NULL);
+             INSERT INTO {schema}.outbox (aggregate_type, aggregate_id, event_type, payload, topic) \
+               VALUES ('customer', 'c-2', 'CustomerCreated', '{{}}', '{other_topic}');
+             BEGIN;
+             INSERT INTO {schema}.outbox (aggregate_type, aggregate_id, event_type, payload) \
+               VALUES ('customer', 'c-3', 'CustomerCreated', '{{\"rolled\": \"back\"}}');
+             ROLLBACK;"
+        ),
+    );
+    let dup = std::process::Command::new("psql")
+        .args(["-X", "-h", "127.0.0.1", "-p", &pg.port.to_string(), "-U", "postgres", "-c"])
+        .arg(format!(
+            "INSERT INTO {schema}.outbox (aggregate_type, aggregate_id, event_type, idempotency_token) VALUES ('customer', 'c-9', 'X', 'tok-1')"
+        ))
+        .output()
+        .expect("psql");
+    assert!(
+        !dup.status.success() && String::from_utf8_lossy(&dup.stderr).contains("duplicate key"),
+        "a duplicate idempotency_token must fail the service's insert"
+    );
+    let event_ids = pg.psql(
+        "postgres",
+        &format!("SELECT event_id FROM {schema}.outbox ORDER BY id"),
+    );
+    let event_ids: Vec<&str> = event_ids.lines().collect();
+
+    let mut relay = TestRelay::start(s).await;
+    let main = consume_async(&kafka.bootstrap_servers(), &src.topic, 2, DEADLINE).await;
+    let over = consume_async(&kafka.bootstrap_servers(), &other_topic, 1, DEADLINE).await;
+    wait_empty(&pg, "postgres", schema).await;
+    relay.stop().await;
+
+    assert_eq!(
+        main.len(),
+        2,
+        "exactly the committed events on the source topic: {main:?}"
+    );
+    let (a, b) = (&main[0], &main[1]);
+    assert_eq!(a.key.as_deref(), Some("c-1"));
+    let v: serde_json::Value = serde_json::from_str(a.value.as_deref().unwrap()).unwrap();
+    assert_eq!(v, serde_json::json!({"name": "Ada", "n": 1}));
+    assert_eq!(header(a, "event_id"), Some(event_ids[0]));
+    assert_eq!(header(a, "event_type"), Some("CustomerCreated"));
+    assert_eq!(header(a, "aggregate_type"), Some("customer"));
+    assert_eq!(header(a, "source"), Some(src.name.as_str()));
+    assert_eq!(header(a, "correlation_id"), Some("corr-1"));
+    assert_eq!(header(a, "idempotency_token"), Some("tok-1"));
+    assert_eq!(header(a, "traceparent"), Some("00-1"));
+    assert_eq!(b.key.as_deref(), Some("c-1"));
+    assert_eq!(b.value, None, "a NULL payload is a tombstone");
+    assert_eq!(header(b, "event_type"), Some("CustomerDeleted"));
+    assert_eq!(header(b, "correlation_id"), None);
+    assert_eq!(a.partition, b.partition, "one key, one partition");
+    assert!(a.offset < b.offset);
+    assert_eq!(
+        over.len(),
+        1,
+        "the row's topic overrides the source's: {over:?}"
+    );
+    assert_eq!(over[0].key.as_deref(), Some("c-2"));
+    assert_eq!(outbox_rows(&pg, "postgres", schema), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn per_aggregate_order_holds_under_concurrent_writers() {
+    let pg = PgServer::start();
+    let src = TestSource::new(&pg, "postgres", "order");
+    let kafka = mock(&[&src.topic], 4);
+    // Small batches: order must hold across many of them.
+    let s = settings(&toml(&[&src], &kafka.bootstrap_servers(), "batch_size = 7"));
+    migrate(&s).await;
+    let mut relay = TestRelay::start(s).await;
+
+    let writers = 4;
+    let mut tasks = Vec::new();
+    for w in 0..writers {
+        let url = src.url.clone();
+        let schema = src.schema.clone();
+        tasks.push(tokio::spawn(async move {
+            let (mut client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+                .await
+                .expect("connect");
+            tokio::spawn(conn);
+            let mut seq = [0i64; 5];
+            let mut committed = 0usize;
+            for txn in 0..60 {
+                let tx = client.transaction().await.expect("begin");
+                let mut next = seq;
+                for k in 0..(1 + txn % 6) {
+                    let agg = (txn + k) % 5;
+                    tx.execute(
+                        &format!("INSERT INTO {schema}.outbox (aggregate_type, aggregate_id, event_type, payload) VALUES ('order', $1, 'OrderChanged', jsonb_build_object('seq', $2::bigint))"),
+                        &[&format!("w{w}-a{agg}"), &next[agg]],
+                    )
+                    .await
+                    .expect("insert");
+                    next[agg] += 1;
+                }
+                if txn % 5 == 4 {
+                    tx.rollback().await.expect("rollback");
+                } else {
+                    tx.commit().await.expect("commit");
+                    committed += next.iter().zip(&seq).map(|(a, b)| (a - b) as usize).sum::<usize>();
+                    seq = next;
+                }
+            }
+            committed
+        }));
+    }
+    let mut expected = 0;
+    for t in tasks {
+        expected += t.await.expect("writer");
+    }
+    let got = consume_async(&kafka.bootstrap_servers(), &src.topic, expected, DEADLINE).await;
+    wait_empty(&pg, "postgres", &src.schema).await;
+    relay.stop().await;
+    let (distinct, dups, disorder) = audit(&got);
+    assert_eq!(distinct, expected, "every committed event arrives");
+    assert_eq!(
+        got.len(),
+        expected,
+        "no event arrives twice without a crash"
+    );
+    assert_eq!((dups, disorder), (0, 0));
+    let values: std::collections::HashSet<_> = got.iter().map(|r| r.value.clone()).collect();
+    assert!(values.iter().all(|v| v.is_some()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn four_sources_across_two_databases() {
+    let pg = PgServer::start();
+    pg.create_database("catalog");
+    let customer = TestSource::new(&pg, "postgres", "customer");
+    let product = TestSource::new(&pg, "postgres", "product");
+    let admin = TestSource::new(&pg, "catalog", "product_admin");
+    let loader = TestSource::new(&pg, "catalog", "product_loader");
+    let all = [&customer, &product, &admin, &loader];
+    let topics: Vec<&str> = all.iter().map(|s| s.topic.as_str()).collect();
+    let kafka = mock(&topics, 2);
+    let s = settings(&toml(&all, &kafka.bootstrap_servers(), "batch_size = 50"));
+    migrate(&s).await;
+    for (i, src) in all.iter().enumerate() {
+        let db = if i < 2 { "postgres" } else { "catalog" };
+        insert_events(&pg, db, &src.schema, 300 + i * 100, 13, 0);
+    }
+    let mut relay = TestRelay::start(s).await;
+    for (i, src) in all.iter().enumerate() {
+        let n = 300 + i * 100;
+        let got = consume_async(&kafka.bootstrap_servers(), &src.topic, n, DEADLINE).await;
+        let (distinct, dups, disorder) = audit(&got);
+        assert_eq!((distinct, dups, disorder), (n, 0, 0), "source {}", src.name);
+        assert!(got
+            .iter()
+            .all(|r| header(r, "source") == Some(src.name.as_str())));
+    }
+    for (i, src) in all.iter().enumerate() {
+        let db = if i < 2 { "postgres" } else { "catalog" };
+        wait_empty(&pg, db, &src.schema).await;
+    }
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_relays_never_work_one_source_at_once_and_a_survivor_takes_over() {
+    let pg = PgServer::start();
+    let src = TestSource::new(&pg, "postgres", "pair");
+    let kafka = mock(&[&src.topic], 3);
+    let cfg = toml(&[&src], &kafka.bootstrap_servers(), "batch_size = 20");
+    let s = settings(&cfg);
+    migrate(&s).await;
+    let mut a = TestRelay::start(settings(&cfg)).await;
+    let mut b = TestRelay::start(settings(&cfg)).await;
+    let name = src.name.clone();
+    let leaders = |a: &TestRelay, b: &TestRelay| {
+        let la = a
+            .running()
+            .state(&name)
+            .unwrap()
+            .leader
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let lb = b
+            .running()
+            .state(&name)
+            .unwrap()
+            .leader
+            .load(std::sync::atomic::Ordering::Relaxed);
+        (la, lb)
+    };
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while leaders(&a, &b) == (false, false) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "nobody took the source"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let total = 3000;
+    for round in 0..3 {
+        insert_events(
+            &pg,
+            "postgres",
+            &src.schema,
+            500,
+            17,
+            round * 500 / 17 + round,
+        );
+        assert_ne!(leaders(&a, &b), (true, true), "two leaders at once");
+    }
+    // Stop whoever leads mid-stream; the other must take over and finish.
+    let (la, _) = leaders(&a, &b);
+    if la {
+        a.stop().await;
+    } else {
+        b.stop().await;
+    }
+    for round in 3..6 {
+        insert_events(
+            &pg,
+            "postgres",
+            &src.schema,
+            500,
+            17,
+            round * 500 / 17 + round,
+        );
+    }
+    let survivor = if la { &b } else { &a };
+    let start = tokio::time::Instant::now();
+    while !survivor
+        .running()
+        .state(&name)
+        .unwrap()
+        .leader
+        .load(std::sync::atomic::Ordering::Relaxed)
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "no takeover within 10s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let got = consume_async(&kafka.bootstrap_servers(), &src.topic, total, DEADLINE).await;
+    wait_empty(&pg, "postgres", &src.schema).await;
+    a.stop().await;
+    b.stop().await;
+    let (distinct, _dups, disorder) = audit(&got);
+    assert_eq!(distinct, total, "nothing lost");
+    assert_eq!(disorder, 0, "per-aggregate order kept");
+}
