@@ -157,9 +157,11 @@ impl Settings {
     /// (`--config`, else `OUTBOX_CONFIG`).
     pub fn load(path: Option<&Path>) -> Result<Settings, ConfigError> {
         let env: HashMap<String, String> = std::env::vars().collect();
-        let path = path
-            .map(Path::to_path_buf)
-            .or_else(|| env.get(CONFIG_PATH_ENV).map(Into::into));
+        let path = path.map(Path::to_path_buf).or_else(|| {
+            env.iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(CONFIG_PATH_ENV))
+                .map(|(_, v)| v.into())
+        });
         let file = match path {
             Some(p) => Some(std::fs::read_to_string(&p).map_err(|e| {
                 ConfigError(vec![format!(
@@ -181,11 +183,30 @@ impl Settings {
         if let Some(text) = toml {
             builder = builder.add_source(config::File::from_str(text, config::FileFormat::Toml));
         }
-        let relay_env: config::Map<String, String> = env
-            .iter()
-            .filter(|(k, _)| k.starts_with("OUTBOX_") && k.as_str() != CONFIG_PATH_ENV)
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
+        // Names match case-insensitively, so a ConfigMap can use the platform plan's
+        // lowercase keys (outbox_batch_size) as environment variables directly.
+        let mut relay_env: config::Map<String, String> = config::Map::new();
+        let mut twice = Vec::new();
+        for (k, v) in env {
+            let upper = k.to_ascii_uppercase();
+            if !upper.starts_with("OUTBOX_") || upper == CONFIG_PATH_ENV {
+                continue;
+            }
+            if relay_env.insert(upper.clone(), v.clone()).is_some() {
+                twice.push(upper);
+            }
+        }
+        if !twice.is_empty() {
+            twice.sort();
+            return Err(ConfigError(
+                twice
+                    .into_iter()
+                    .map(|k| {
+                        format!("{k}: set twice in the environment, in different letter cases")
+                    })
+                    .collect(),
+            ));
+        }
         builder = builder.add_source(
             config::Environment::with_prefix(ENV_PREFIX)
                 .prefix_separator("_")
@@ -754,6 +775,29 @@ topic = "customer.events"
     }
 
     #[test]
+    fn the_plans_lowercase_names_work_as_environment_variables() {
+        let s = Settings::from_parts(
+            Some(ONE_SOURCE),
+            &env(&[
+                ("outbox_batch_size", "25"),
+                ("outbox_kafka__brokers", "k:9092"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.batch_size, 25);
+        assert_eq!(s.kafka.brokers, "k:9092");
+        let err = Settings::from_parts(
+            Some(ONE_SOURCE),
+            &env(&[("outbox_batch_size", "25"), ("OUTBOX_BATCH_SIZE", "26")]),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("set twice"), "{err}");
+        let err = Settings::from_parts(Some(ONE_SOURCE), &env(&[("outbox_bach_size", "25")]))
+            .unwrap_err();
+        assert!(err.to_string().contains("bach_size: unknown key"), "{err}");
+    }
+
+    #[test]
     fn every_bad_key_is_reported_at_once() {
         let toml = r#"
 batch_sise = 5
@@ -834,7 +878,10 @@ topic = "t"
         ]);
         let s = Settings::from_parts(Some(include_str!("../config/default.toml")), &env).unwrap();
         let names: Vec<_> = s.sources.iter().map(|s| s.name.as_str()).collect();
-        assert_eq!(names, ["customer", "product", "product-admin", "product-loader"]);
+        assert_eq!(
+            names,
+            ["customer", "product", "product-admin", "product-loader"]
+        );
         assert_eq!(s.batch_size, 10);
         assert_eq!(s.kafka.properties["compression.type"], "lz4");
     }
