@@ -386,3 +386,89 @@ fn dead_letter_tool_lists_shows_replays_and_purges_without_sql() {
 fn dead_letter_count(pg: &PgServer, schema: &str) -> i64 {
     common::relay::dead_letter_rows(pg, "postgres", schema)
 }
+
+/// `outbox_source_leader{source="..."}` of a running relay, read from its /metrics.
+fn leader_gauge(port: u16, source: &str) -> Option<f64> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    let needle = format!("outbox_source_leader{{source=\"{source}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&needle))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+#[test]
+fn two_relay_processes_share_a_source_and_the_survivor_of_a_kill_9_takes_over() {
+    let pg = PgServer::start();
+    let broker = Broker::start();
+    let dir = tempfile::tempdir().unwrap();
+    let schema = unique_name("pair");
+    let topic = format!("{schema}.events");
+    create_topic(&broker.bootstrap(), &topic, 3);
+    let toml = format!(
+        "database_url = \"{}\"\nprocess_interval = \"300ms\"\noperation_timeout = \"10s\"\nbatch_size = 50\n\
+         [kafka]\nbrokers = \"{}\"\n\
+         [[sources]]\nname = \"pair\"\nschema = \"{schema}\"\ntopic = \"{topic}\"\n",
+        pg.url("postgres"),
+        broker.bootstrap(),
+    );
+    let config = dir.path().join("relay.toml");
+    std::fs::write(&config, toml).unwrap();
+    let log = dir.path().join("relay.log");
+    assert!(relay(&config, &["migrate"], &[], &log)
+        .status()
+        .unwrap()
+        .success());
+    let ports = [common::free_port(), common::free_port()];
+    let listen: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    let mut children: Vec<Child> = listen
+        .iter()
+        .map(|l| {
+            relay(&config, &["run"], &[("OUTBOX_HTTP__LISTEN", l)], &log)
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let leaders = || ports.map(|p| leader_gauge(p, "pair").unwrap_or(0.0));
+    wait_until("one relay holds the source", DEADLINE, || {
+        leaders().iter().sum::<f64>() == 1.0
+    });
+    let total = 20_000;
+    insert_events(&pg, "postgres", &schema, total / 2, 37, 0);
+    wait_until("mid-stream", DEADLINE, || {
+        outbox_rows(&pg, "postgres", &schema) < (total / 2 - 2000) as i64
+    });
+    assert_eq!(leaders().iter().sum::<f64>(), 1.0, "exactly one holder");
+    let holder = if leaders()[0] == 1.0 { 0 } else { 1 };
+    let other = 1 - holder;
+    children[holder].kill().unwrap(); // SIGKILL, mid-stream
+    let _ = children[holder].wait();
+    let killed_at = Instant::now();
+    insert_events(&pg, "postgres", &schema, total / 2, 37, 1000);
+    wait_until("the survivor takes the source", DEADLINE, || {
+        leader_gauge(ports[other], "pair") == Some(1.0)
+    });
+    let takeover = killed_at.elapsed();
+    wait_until("outbox empty", DEADLINE, || {
+        outbox_rows(&pg, "postgres", &schema) == 0
+    });
+    let got = consume(&broker.bootstrap(), &topic, total, DEADLINE);
+    sigterm(&children[other]);
+    assert_eq!(
+        wait_exit(&mut children[other], Duration::from_secs(10)).code(),
+        Some(0)
+    );
+    let (distinct, dups, disorder) = audit(&got);
+    eprintln!("two relays, leader killed: relayed {distinct}/{total}, duplicated {dups}, out of order {disorder}, takeover in {takeover:?}");
+    assert_eq!(distinct, total, "nothing lost");
+    assert_eq!(disorder, 0, "per-aggregate order kept");
+    assert!(
+        takeover < Duration::from_secs(10),
+        "takeover took {takeover:?}"
+    );
+}
