@@ -181,7 +181,7 @@ impl DatabaseUrl {
         let (client, mut connection) = tokio::time::timeout(timeout, cfg.connect(tls))
             .await
             .map_err(|_| format!("connect to {}: timed out after {timeout:?}", self.redacted))?
-            .map_err(|e| format!("connect to {}: {e}", self.redacted))?;
+            .map_err(|e| format!("connect to {}: {}", self.redacted, chain(&e)))?;
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(async move {
             let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
@@ -297,6 +297,21 @@ pub fn redact(url: &str) -> String {
         })
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+/// An error with its causes, `outer: inner: root`, so a TLS or network failure says why.
+pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let text = c.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cur = c.source();
+    }
+    out
 }
 
 /// Quotes a validated identifier for SQL.

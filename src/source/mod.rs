@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::config::{AfterDeadLetter, Settings, SourceSettings};
-use crate::db::Notice;
+use crate::db::{chain, Notice};
 use crate::metrics::Metrics;
 use crate::migrate::LOCK_CLASS;
 use crate::retry::backoff_jittered;
@@ -492,7 +492,11 @@ impl Source {
     async fn claim(&self, block: bool, in_flight: &[i64]) -> Result<Vec<Event>, String> {
         let timeout = self.relay.operation_timeout;
         let work = async {
-            let client = self.pool.get().await.map_err(|e| format!("pool: {e}"))?;
+            let client = self
+                .pool
+                .get()
+                .await
+                .map_err(|e| format!("pool: {}", chain(&e)))?;
             self.store
                 .claim(
                     &client,
@@ -502,7 +506,7 @@ impl Source {
                     in_flight,
                 )
                 .await
-                .map_err(|e| format!("claim: {e}"))
+                .map_err(|e| format!("claim: {}", chain(&e)))
         };
         tokio::time::timeout(timeout, work)
             .await
@@ -661,7 +665,11 @@ impl Source {
     async fn settle(&self, batch: &[Event], s: &Settled) -> Result<(), String> {
         let timeout = self.relay.operation_timeout;
         let work = async {
-            let mut client = self.pool.get().await.map_err(|e| format!("pool: {e}"))?;
+            let mut client = self
+                .pool
+                .get()
+                .await
+                .map_err(|e| format!("pool: {}", chain(&e)))?;
             if !s.delivered.is_empty() {
                 self.store
                     .delete(&client, &s.delivered, self.relay.delete_batch_size)

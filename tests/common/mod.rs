@@ -319,7 +319,7 @@ fn pg_command(tool: &str, cwd: &Path) -> Command {
     cmd
 }
 
-fn chown_to_pg(path: &Path) {
+pub fn chown_to_pg(path: &Path) {
     if let Some((uid, gid)) = pg_os_user() {
         std::os::unix::fs::chown(path, Some(uid), Some(gid))
             .unwrap_or_else(|e| panic!("chown {}: {e}", path.display()));
