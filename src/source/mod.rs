@@ -121,6 +121,10 @@ struct Settled {
     held: HashSet<(String, String)>,
 }
 
+fn is_held(held: &HashSet<(String, String)>, e: &Event) -> bool {
+    held.contains(&(e.aggregate_type.clone(), e.aggregate_id.clone()))
+}
+
 /// A batch handed to the producer.
 struct InFlight {
     settled: Settled,
@@ -427,11 +431,7 @@ impl Source {
             carried = next
                 .map(|n| {
                     n.into_iter()
-                        .filter(|e| {
-                            !settled
-                                .held
-                                .contains(&(e.aggregate_type.clone(), e.aggregate_id.clone()))
-                        })
+                        .filter(|e| settled.held.is_empty() || !is_held(&settled.held, e))
                         .collect::<Vec<_>>()
                 })
                 .filter(|n| !n.is_empty() && transport.is_none());
@@ -521,8 +521,7 @@ impl Source {
         let hold_after_dead = self.relay.retry.after_dead_letter == AfterDeadLetter::Block;
         let mut event_id = String::with_capacity(36);
         for (i, e) in batch.iter().enumerate() {
-            let aggregate = (e.aggregate_type.clone(), e.aggregate_id.clone());
-            if settled.held.contains(&aggregate) {
+            if !settled.held.is_empty() && is_held(&settled.held, e) {
                 continue;
             }
             event_id.clear();
