@@ -66,8 +66,10 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> Result<Ru
             .with_label_values(&[&s.name])
             .set(settings.dead_letter_size);
     }
-    let producer = sink::producer(&settings.kafka, settings.operation_timeout)
-        .context("create the Kafka producer")?;
+    let sink = Arc::new(
+        sink::Sink::new(&settings.kafka, settings.operation_timeout)
+            .context("create the Kafka producer")?,
+    );
 
     // One pool per database. Each source uses at most one pooled connection at a time,
     // so two per source plus two for health checks means no source waits for another.
@@ -100,7 +102,7 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> Result<Ru
             store: Store::new(&s.schema),
             state,
             relay: settings.clone(),
-            producer: producer.clone(),
+            sink: sink.clone(),
             metrics: metrics.clone(),
         }));
     }
@@ -116,7 +118,7 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> Result<Ru
             .iter()
             .map(|s| (s.settings.name.clone(), s.pool.clone(), s.state.clone()))
             .collect(),
-        producer: producer.clone(),
+        sink: sink.clone(),
         deep_cache: tokio::sync::Mutex::new(None),
     });
 
@@ -161,7 +163,7 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> Result<Ru
         }
         stats_task.abort();
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        let p = producer.clone();
+        let p = sink.producer();
         let flushed =
             tokio::task::spawn_blocking(move || p.flush(left.max(Duration::from_millis(100))))
                 .await;

@@ -10,7 +10,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use deadpool_postgres::Pool;
-use rdkafka::producer::{FutureProducer, Producer};
+use rdkafka::producer::Producer;
 use serde::Serialize;
 use serde_json::json;
 
@@ -30,7 +30,7 @@ pub struct HttpState {
     /// Each source's name, pool and state, in configuration order.
     pub sources: Vec<(String, Pool, Arc<SourceState>)>,
     /// The producer, for cluster metadata.
-    pub producer: FutureProducer,
+    pub sink: Arc<crate::sink::Sink>,
     /// The last deep check, shared by concurrent probes.
     pub deep_cache: tokio::sync::Mutex<Option<(Instant, StatusCode, serde_json::Value)>>,
 }
@@ -48,7 +48,9 @@ pub fn router(state: Arc<HttpState>) -> Router {
 /// longest idle wait or its longest single step (a Kafka acknowledgement wait is bounded
 /// by `operation_timeout` plus a 5s margin), plus 5s of slack.
 pub fn liveness_bound(s: &Settings) -> Duration {
-    s.process_interval.max(s.operation_timeout + Duration::from_secs(5)) + Duration::from_secs(5)
+    s.process_interval
+        .max(s.operation_timeout + Duration::from_secs(5))
+        + Duration::from_secs(5)
 }
 
 async fn health(State(st): State<Arc<HttpState>>) -> Response {
@@ -128,7 +130,7 @@ async fn deep_check(st: &HttpState) -> (StatusCode, serde_json::Value) {
             details: None,
         }
     });
-    let producer = st.producer.clone();
+    let producer = st.sink.producer();
     let kafka_check = async move {
         let started = Instant::now();
         let r = tokio::task::spawn_blocking(move || {

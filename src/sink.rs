@@ -2,10 +2,15 @@
 
 use std::time::Duration;
 
+use std::sync::RwLock;
+
+use rdkafka::client::ClientContext;
+use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::FutureProducer;
+use rdkafka::producer::{FutureProducer, Producer as _};
 use rdkafka::ClientConfig;
+use tracing::{debug, error, warn};
 
 use crate::config::{validate_topic, KafkaSettings};
 use crate::source::store::Event;
@@ -129,12 +134,106 @@ pub const FAILURE_REASONS: &[&str] = &[
     "other",
 ];
 
-/// Creates the shared producer: idempotent, acks=all, murmur2 partitioner, and every
-/// operation bounded by `operation_timeout`.
-pub fn producer(
+/// Routes librdkafka's own logs and errors. Its per-attempt connection errors go to
+/// debug: the relay logs an outage once at its start, reminds, and logs its end.
+pub struct RelayContext;
+
+impl ClientContext for RelayContext {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
+        match level {
+            RDKafkaLogLevel::Emerg | RDKafkaLogLevel::Alert | RDKafkaLogLevel::Critical => {
+                error!(target: "librdkafka", facility = fac, "{log_message}")
+            }
+            _ => debug!(target: "librdkafka", facility = fac, "{log_message}"),
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::Fatal) {
+            error!(target: "librdkafka", error = %error, reason, "kafka producer failed fatally");
+        } else {
+            debug!(target: "librdkafka", error = %error, reason, "kafka client error");
+        }
+    }
+}
+
+/// The producer type the relay uses.
+pub type Producer = FutureProducer<RelayContext>;
+
+/// The shared producer, replaced when librdkafka declares it dead.
+pub struct Sink {
+    current: RwLock<Producer>,
+    kafka: KafkaSettings,
+    operation_timeout: Duration,
+}
+
+impl Sink {
+    /// Creates the producer: idempotent, acks=all, murmur2 partitioner, and every
+    /// operation bounded by `operation_timeout`.
+    pub fn new(kafka: &KafkaSettings, operation_timeout: Duration) -> Result<Sink, KafkaError> {
+        Ok(Sink {
+            current: RwLock::new(create_producer(kafka, operation_timeout)?),
+            kafka: kafka.clone(),
+            operation_timeout,
+        })
+    }
+
+    /// The producer to hand the next batch to.
+    pub fn producer(&self) -> Producer {
+        match self.current.read() {
+            Ok(p) => p.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// After a failed batch: when `used` has hit a fatal error, or `broken` says the
+    /// brokers no longer accept its producer id (fenced, unknown id, epoch or sequence
+    /// errors), replaces it with a new producer, once, whoever asks first. Returns why.
+    pub fn renew_if_broken(&self, used: &Producer, broken: Option<&str>) -> Option<String> {
+        let why = match (used.client().fatal_error(), broken) {
+            (Some((code, why)), _) => format!("fatal {code:?}: {why}"),
+            (None, Some(b)) => b.to_string(),
+            (None, None) => return None,
+        };
+        let mut current = match self.current.write() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if current.client().native_ptr() == used.client().native_ptr() {
+            match create_producer(&self.kafka, self.operation_timeout) {
+                Ok(p) => {
+                    *current = p;
+                    warn!(reason = %why, "kafka producer replaced with a new one");
+                }
+                Err(e) => {
+                    error!(error = %e, reason = %why, "kafka producer is broken and a new one cannot be created")
+                }
+            }
+        }
+        Some(why)
+    }
+}
+
+/// Errors after which the producer's id or sequence is no longer accepted: only a new
+/// producer (a new producer id) gets through.
+pub fn breaks_producer(err: &KafkaError) -> bool {
+    matches!(
+        err.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::Fatal
+                | RDKafkaErrorCode::ProducerFenced
+                | RDKafkaErrorCode::InvalidProducerEpoch
+                | RDKafkaErrorCode::UnknownProducerId
+                | RDKafkaErrorCode::OutOfOrderSequenceNumber
+                | RDKafkaErrorCode::InvalidProducerIdMapping
+        )
+    )
+}
+
+fn create_producer(
     kafka: &KafkaSettings,
     operation_timeout: Duration,
-) -> Result<FutureProducer, KafkaError> {
+) -> Result<Producer, KafkaError> {
     let mut cfg = ClientConfig::new();
     cfg.set("bootstrap.servers", &kafka.brokers)
         .set("client.id", "outbox-relay")
@@ -156,7 +255,7 @@ pub fn producer(
     cfg.set("enable.idempotence", "true")
         .set("acks", "all")
         .set("partitioner", "murmur2_random");
-    cfg.create()
+    cfg.create_with_context(RelayContext)
 }
 
 /// The fields of a record, borrowed from its row.

@@ -472,3 +472,69 @@ fn two_relay_processes_share_a_source_and_the_survivor_of_a_kill_9_takes_over() 
         "takeover took {takeover:?}"
     );
 }
+
+#[test]
+fn a_frozen_broker_is_logged_once_at_its_start_and_once_at_its_end() {
+    let pg = PgServer::start();
+    let broker = Broker::start();
+    let dir = tempfile::tempdir().unwrap();
+    let schema = unique_name("frozen");
+    let topic = format!("{schema}.events");
+    create_topic(&broker.bootstrap(), &topic, 1);
+    let toml = format!(
+        "database_url = \"{}\"\nprocess_interval = \"300ms\"\noperation_timeout = \"2s\"\n\
+         [kafka]\nbrokers = \"{}\"\n[http]\nlisten = \"127.0.0.1:0\"\n\
+         [[sources]]\nname = \"frozen\"\nschema = \"{schema}\"\ntopic = \"{topic}\"\n",
+        pg.url("postgres"),
+        broker.bootstrap(),
+    );
+    let config = dir.path().join("relay.toml");
+    std::fs::write(&config, toml).unwrap();
+    let log = dir.path().join("relay.log");
+    assert!(relay(&config, &["migrate"], &[], &log)
+        .status()
+        .unwrap()
+        .success());
+    let mut child = relay(&config, &["run"], &[], &log).spawn().unwrap();
+    insert_events(&pg, "postgres", &schema, 20, 4, 0);
+    assert_eq!(consume(&broker.bootstrap(), &topic, 20, DEADLINE).len(), 20);
+
+    broker.pause(); // the broker stops answering: requests hang, then time out
+    insert_events(&pg, "postgres", &schema, 30, 4, 100);
+    let text = || std::fs::read_to_string(&log).unwrap();
+    wait_until("the outage is logged", DEADLINE, || {
+        text().contains("kafka unreachable")
+    });
+    std::thread::sleep(Duration::from_secs(8)); // several failed attempts: 2s timeouts, backoff
+    broker.resume();
+    wait_until("the end of the outage is logged", DEADLINE, || {
+        text().contains("kafka reachable again")
+    });
+    wait_until("outbox empty", DEADLINE, || {
+        outbox_rows(&pg, "postgres", &schema) == 0
+    });
+    sigterm(&child);
+    assert_eq!(
+        wait_exit(&mut child, Duration::from_secs(10)).code(),
+        Some(0)
+    );
+    let out = text();
+    let count = |needle: &str| out.lines().filter(|l| l.contains(needle)).count();
+    assert_eq!(
+        count("kafka unreachable"),
+        1,
+        "one line at the start, not one per attempt:\n{out}"
+    );
+    assert_eq!(count("kafka reachable again"), 1, "{out}");
+    let got = consume(&broker.bootstrap(), &topic, 50, DEADLINE);
+    assert_eq!(audit(&got).0, 50, "nothing lost");
+    assert_eq!(audit(&got).2, 0);
+    let warn_lines = out
+        .lines()
+        .filter(|l| l.contains("\"level\":\"WARN\""))
+        .count();
+    assert!(
+        warn_lines <= 3,
+        "no log flood during the outage ({warn_lines} warnings):\n{out}"
+    );
+}

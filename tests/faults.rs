@@ -72,7 +72,8 @@ async fn transient_produce_errors_are_retried_by_the_producer_without_losing_ord
 async fn a_failing_event_retries_with_backoff_while_its_aggregate_waits_and_others_flow() {
     let pg = PgServer::start();
     let src = TestSource::new(&pg, "postgres", "retry");
-    let kafka = mock(&[&src.topic], 2);
+    // One partition: the consumer sees the order in which Kafka acknowledged.
+    let kafka = mock(&[&src.topic], 1);
     let s = settings(&toml(
         &[&src],
         &kafka.bootstrap_servers(),
@@ -125,7 +126,7 @@ async fn a_failing_event_retries_with_backoff_while_its_aggregate_waits_and_othe
     relay.stop().await;
     let order: Vec<(String, String)> = got
         .iter()
-        .skip(1)
+        .filter(|r| r.key.as_deref() != Some("agg-0"))
         .map(|r| (r.key.clone().unwrap(), r.value.clone().unwrap()))
         .collect();
     let pos = |k: &str, seq: i32| {

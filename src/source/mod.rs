@@ -18,7 +18,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use deadpool_postgres::Pool;
 use futures::future::join_all;
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::FutureRecord;
 use tokio::sync::mpsc::UnboundedReceiver;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
@@ -28,7 +28,7 @@ use crate::db::{chain, Notice};
 use crate::metrics::Metrics;
 use crate::migrate::LOCK_CLASS;
 use crate::retry::backoff_jittered;
-use crate::sink::{build_record, classify, Blame, Failure};
+use crate::sink::{breaks_producer, build_record, classify, Blame, Failure};
 use store::{Event, Store};
 
 /// How often a follower asks for a source's lock.
@@ -99,7 +99,7 @@ pub struct Source {
     /// The relay-wide settings.
     pub relay: Arc<Settings>,
     /// The shared producer.
-    pub producer: FutureProducer,
+    pub sink: Arc<crate::sink::Sink>,
     /// The shared metrics.
     pub metrics: Arc<Metrics>,
 }
@@ -129,6 +129,7 @@ fn is_held(held: &HashSet<(String, String)>, e: &Event) -> bool {
 struct InFlight {
     settled: Settled,
     pending: Vec<(usize, rdkafka::producer::DeliveryFuture)>,
+    producer: crate::sink::Producer,
 }
 
 /// Logs an outage once at its start, then at most once per [`OUTAGE_REMINDER`], then its end.
@@ -516,6 +517,7 @@ impl Source {
     /// Hands the batch to the producer. Rows that fail before reaching it are settled
     /// here; an aggregate whose earlier row failed keeps its later rows in the outbox.
     fn send(&self, batch: &[Event]) -> InFlight {
+        let producer = self.sink.producer();
         let mut settled = Settled::default();
         let mut pending = Vec::with_capacity(batch.len());
         let hold_after_dead = self.relay.retry.after_dead_letter == AfterDeadLetter::Block;
@@ -535,9 +537,7 @@ impl Source {
                     if let Some(p) = record.payload {
                         fr = fr.payload(p);
                     }
-                    self.producer
-                        .send_result(fr)
-                        .map_err(|(err, _)| classify(&err))
+                    producer.send_result(fr).map_err(|(err, _)| classify(&err))
                 }
                 Err(f) => Err(f),
             };
@@ -559,7 +559,11 @@ impl Source {
                 }
             }
         }
-        InFlight { settled, pending }
+        InFlight {
+            settled,
+            pending,
+            producer,
+        }
     }
 
     /// Waits for every acknowledgement of a sent batch.
@@ -567,6 +571,7 @@ impl Source {
         let InFlight {
             mut settled,
             pending,
+            producer,
         } = in_flight;
         let hold_after_dead = self.relay.retry.after_dead_letter == AfterDeadLetter::Block;
         let (index, futures): (Vec<usize>, Vec<_>) = pending.into_iter().unzip();
@@ -589,6 +594,7 @@ impl Source {
                 return settled;
             }
         };
+        let mut broken: Option<String> = None;
         for (i, r) in index.into_iter().zip(results) {
             let e = &batch[i];
             let failure = match r {
@@ -596,7 +602,12 @@ impl Source {
                     settled.delivered.push(e.id);
                     continue;
                 }
-                Ok(Err((err, _msg))) => classify(&err),
+                Ok(Err((err, _msg))) => {
+                    if broken.is_none() && breaks_producer(&err) {
+                        broken = Some(err.to_string());
+                    }
+                    classify(&err)
+                }
                 Err(_canceled) => Failure {
                     blame: Blame::Transport,
                     reason: "transport",
@@ -611,6 +622,14 @@ impl Source {
                 settled.transport = Some(failure);
             } else {
                 self.record_failure(&mut settled, e, failure, hold_after_dead);
+            }
+        }
+        if settled.transport.is_some() {
+            // A fenced or otherwise dead producer fails every batch until it is replaced.
+            if let Some(why) = self.sink.renew_if_broken(&producer, broken.as_deref()) {
+                if let Some(t) = settled.transport.as_mut() {
+                    t.message = format!("{} (producer replaced: {why})", t.message);
+                }
             }
         }
         settled.delivered.sort_unstable();
