@@ -72,7 +72,8 @@ pub struct RetrySettings {
     /// First retry delay of a failed event; doubles per attempt, with jitter.
     #[serde(with = "humantime_serde_compat")]
     pub backoff_base: Duration,
-    /// Longest delay between two attempts of one event, and of a source during a broker outage.
+    /// Longest delay between two attempts of one event. (During a broker or database
+    /// outage a source retries at least every 5 seconds, whatever this says.)
     #[serde(with = "humantime_serde_compat")]
     pub backoff_max: Duration,
     /// What happens to an aggregate's later events once one of its events is dead-lettered.

@@ -177,7 +177,17 @@ impl DatabaseUrl {
     > {
         use futures::StreamExt;
         let tls = self.tls()?;
-        let cfg = self.config(timeout);
+        let mut cfg = self.config(timeout);
+        // This connection holds the source's advisory lock. Ask the server to probe it,
+        // so that if the relay's node vanishes the lock is freed in seconds, not after
+        // the kernel's two-hour default.
+        let keepalive =
+            "-c tcp_keepalives_idle=10 -c tcp_keepalives_interval=5 -c tcp_keepalives_count=3";
+        let options = match cfg.get_options() {
+            Some(o) if !o.is_empty() => format!("{o} {keepalive}"),
+            _ => keepalive.to_string(),
+        };
+        cfg.options(&options);
         let (client, mut connection) = tokio::time::timeout(timeout, cfg.connect(tls))
             .await
             .map_err(|_| format!("connect to {}: timed out after {timeout:?}", self.redacted))?

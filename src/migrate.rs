@@ -39,6 +39,10 @@ pub const MIGRATIONS: &[Migration] = &[
         version: "003_outbox_relay_support.sql",
         sql: include_str!("../migrations/003_outbox_relay_support.sql"),
     },
+    Migration {
+        version: "004_outbox_max_retries_default.sql",
+        sql: include_str!("../migrations/004_outbox_max_retries_default.sql"),
+    },
 ];
 
 /// Advisory-lock class shared by the relay's locks (`pg_advisory_lock(class, key)`).

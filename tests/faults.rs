@@ -468,3 +468,40 @@ async fn a_panicking_source_task_is_restarted_and_goes_on() {
     assert_eq!(audit(&got), (30, 0, 0));
     relay.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_configured_max_retries_applies_to_rows_that_name_none() {
+    let pg = PgServer::start();
+    let src = TestSource::new(&pg, "postgres", "giveup");
+    let kafka = mock(&[&src.topic], 1);
+    let s = settings(&toml(
+        &[&src],
+        &kafka.bootstrap_servers(),
+        "max_retries = 0",
+    ));
+    migrate(&s).await;
+    let mut relay = TestRelay::start(s).await;
+    insert_events(&pg, "postgres", &src.schema, 1, 1, 0);
+    assert_eq!(
+        consume_async(&kafka.bootstrap_servers(), &src.topic, 1, DEADLINE)
+            .await
+            .len(),
+        1
+    );
+    kafka.request_errors(
+        RDKafkaApiKey::Produce,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_POLICY_VIOLATION],
+    );
+    insert_events(&pg, "postgres", &src.schema, 1, 1, 5);
+    let schema = src.schema.clone();
+    eventually("dead-lettered after one attempt", DEADLINE, || {
+        dead_letter_rows(&pg, "postgres", &schema) == 1
+    })
+    .await;
+    let error = pg.psql(
+        "postgres",
+        &format!("SELECT error FROM {schema}.outbox_dead_letter"),
+    );
+    assert!(error.contains("gave up after 1 attempts"), "{error}");
+    relay.stop().await;
+}

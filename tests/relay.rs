@@ -289,3 +289,38 @@ async fn two_relays_never_work_one_source_at_once_and_a_survivor_takes_over() {
     assert_eq!(distinct, total, "nothing lost");
     assert_eq!(disorder, 0, "per-aggregate order kept");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_disabled_relay_publishes_nothing_and_never_blocks_an_enabled_one() {
+    let pg = PgServer::start();
+    let src = TestSource::new(&pg, "postgres", "disabled");
+    let kafka = mock(&[&src.topic], 1);
+    let on = toml(&[&src], &kafka.bootstrap_servers(), "");
+    let off = toml(&[&src], &kafka.bootstrap_servers(), "enabled = false");
+    migrate(&settings(&on)).await;
+    insert_events(&pg, "postgres", &src.schema, 40, 4, 0);
+    let mut disabled = TestRelay::start(settings(&off)).await;
+    let got = consume_async(
+        &kafka.bootstrap_servers(),
+        &src.topic,
+        1,
+        Duration::from_secs(2),
+    )
+    .await;
+    assert!(got.is_empty(), "a disabled relay published {got:?}");
+    assert_eq!(outbox_rows(&pg, "postgres", &src.schema), 40);
+    let (code, _) = disabled.get("/health").await;
+    assert_eq!(code, 200, "a disabled relay is alive");
+    let mut enabled = TestRelay::start(settings(&on)).await;
+    let got = consume_async(&kafka.bootstrap_servers(), &src.topic, 40, DEADLINE).await;
+    assert_eq!(audit(&got), (40, 0, 0));
+    let held = disabled
+        .running()
+        .state(&src.name)
+        .unwrap()
+        .leader
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(!held, "the disabled relay never took the source");
+    enabled.stop().await;
+    disabled.stop().await;
+}

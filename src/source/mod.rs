@@ -213,6 +213,19 @@ impl Source {
             if cancel.is_cancelled() {
                 return;
             }
+            if !self.relay.enabled {
+                // Disabled: publish nothing and take no lock, so an enabled relay on the
+                // same source (a rollout, a rollback) is never blocked by this one.
+                if wait(
+                    &cancel,
+                    self.relay.process_interval.min(Duration::from_secs(5)),
+                )
+                .await
+                {
+                    return;
+                }
+                continue;
+            }
             let lock = tokio::select! {
                 r = self.try_lock() => r,
                 _ = cancel.cancelled() => return,
@@ -365,10 +378,6 @@ impl Source {
                 if wait(cancel, Duration::from_millis(50)).await {
                     return Ended::Cancelled;
                 }
-            }
-            if !self.relay.enabled {
-                immediate = false;
-                continue;
             }
             let started = Instant::now();
             let batch = match carried.take() {
