@@ -1,0 +1,958 @@
+//! `cargo bench --bench relay`: how fast the relay empties a backlog and how soon a
+//! committed event reaches a consumer, against limits measured in the same run on the
+//! same PostgreSQL and broker. See benches/README.md for how to run and read it.
+//!
+//! One run starts a private PostgreSQL cluster and a tansu broker (tests/common), then:
+//! 1. limits: the backlog drained by the relay's claim and delete statements alone (no
+//!    Kafka), and the broker fed by a producer with the relay's settings (no PostgreSQL);
+//! 2. drain: the release relay binary empties the backlog, measured at a consumer, with
+//!    a throughput batch size and with the plan's default;
+//! 3. a naive row-at-a-time relay;
+//! 4. latency from commit to consumer at steady rates (wake-up by NOTIFY only);
+//! 5. the relay's peak RSS and CPU, and, with BENCH_BIG, a large backlog's peak RSS.
+
+#[path = "../../tests/common/mod.rs"]
+mod common;
+mod cpu;
+mod kafka;
+mod relay_process;
+mod report;
+mod workload;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{create_topic, free_port, Broker, PgServer};
+use kafka::{produce_all, relay_producer, CountingConsumer, LatencyBook};
+use relay_process::{config_toml, histogram, migrate, shipped_int, Overrides, RelayProcess};
+use report::{machine, thousands, DrainRow, LatencyRow, Report};
+use tokio_postgres::Client;
+use workload::{BrokerRecord, AGGREGATES};
+
+/// Options, from BENCH_* environment variables.
+#[derive(Debug, Clone)]
+struct Opts {
+    /// Backlog size of the drain runs (BENCH_EVENTS).
+    events: u64,
+    /// Backlog size of the memory run; none: no memory run (BENCH_BIG).
+    big: Option<u64>,
+    /// Partitions of every topic (BENCH_PARTITIONS).
+    partitions: i32,
+    /// Claim and delete batch of the throughput runs (BENCH_BATCH).
+    batch: i64,
+    /// Steady rates of the latency runs (BENCH_RATES, comma-separated).
+    rates: Vec<u64>,
+    /// Measured seconds of each latency run, after one second of warm-up (BENCH_LATENCY_SECS).
+    latency_secs: f64,
+    /// Cap of the naive relay's run (BENCH_NAIVE_SECS).
+    naive_secs: f64,
+    /// Cap of every drain (BENCH_DRAIN_SECS); a drain still running is reported as partial.
+    drain_secs: f64,
+    /// PostgreSQL fsync (BENCH_FSYNC=on|off).
+    fsync: bool,
+    /// Sections to run (BENCH_ONLY, comma-separated: broker,sql,relay,naive,latency,big).
+    only: Option<Vec<String>>,
+    /// Profile the throughput drain with `perf record -a` (BENCH_PERF=1).
+    perf: bool,
+}
+
+fn env_num<T: std::str::FromStr>(name: &str, default: T) -> T {
+    match std::env::var(name) {
+        Ok(v) if !v.trim().is_empty() => v
+            .trim()
+            .replace('_', "")
+            .parse()
+            .unwrap_or_else(|_| panic!("{name}={v}: not a number")),
+        _ => default,
+    }
+}
+
+impl Opts {
+    fn from_env() -> Opts {
+        let quick = std::env::var("BENCH_QUICK").is_ok_and(|v| !v.is_empty() && v != "0");
+        let rates = std::env::var("BENCH_RATES")
+            .unwrap_or_else(|_| "1000,10000".into())
+            .split(',')
+            .map(|r| {
+                r.trim()
+                    .replace('_', "")
+                    .parse()
+                    .expect("BENCH_RATES: numbers")
+            })
+            .collect();
+        Opts {
+            events: env_num("BENCH_EVENTS", if quick { 10_000 } else { 100_000 }),
+            big: std::env::var("BENCH_BIG")
+                .ok()
+                .filter(|v| !v.trim().is_empty())
+                .map(|_| env_num("BENCH_BIG", 1_000_000u64)),
+            partitions: env_num("BENCH_PARTITIONS", 6),
+            batch: env_num("BENCH_BATCH", 1000),
+            rates,
+            latency_secs: env_num("BENCH_LATENCY_SECS", if quick { 3.0 } else { 10.0 }),
+            naive_secs: env_num("BENCH_NAIVE_SECS", if quick { 5.0 } else { 20.0 }),
+            drain_secs: env_num("BENCH_DRAIN_SECS", if quick { 20.0 } else { 60.0 }),
+            fsync: std::env::var("BENCH_FSYNC").is_ok_and(|v| v == "on" || v == "1"),
+            only: std::env::var("BENCH_ONLY")
+                .ok()
+                .filter(|v| !v.trim().is_empty())
+                .map(|v| v.split(',').map(|s| s.trim().to_string()).collect()),
+            perf: std::env::var("BENCH_PERF").is_ok_and(|v| !v.is_empty() && v != "0"),
+        }
+    }
+
+    fn runs(&self, section: &str) -> bool {
+        match &self.only {
+            Some(only) => only.iter().any(|s| s == section),
+            None => section != "big" || self.big.is_some(),
+        }
+    }
+}
+
+/// Prints a progress line to stderr with the time since the bench started.
+macro_rules! progress {
+    ($t0:expr, $($arg:tt)*) => {
+        eprintln!("[{:>6.1}s] {}", $t0.elapsed().as_secs_f64(), format!($($arg)*))
+    };
+}
+
+/// What every section shares.
+struct Bench {
+    opts: Opts,
+    t0: Instant,
+    pg: PgServer,
+    broker: Broker,
+    db_url: String,
+    admin: Client,
+    dir: tempfile::TempDir,
+    runs: u32,
+    template_rows: u64,
+    procs: cpu::Procs,
+    /// CPU seconds other processes used during measured windows, and those windows' capacity.
+    other_cpu: (f64, f64),
+    report: Report,
+}
+
+/// One contender's schema, topic and relay configuration.
+struct Lane {
+    schema: String,
+    topic: String,
+    config: PathBuf,
+    config_text: String,
+    http_port: u16,
+}
+
+impl Bench {
+    /// A fresh schema (migrated by `outbox-relay migrate`) and topic for one contender.
+    async fn lane(&mut self, name: &str, o: &Overrides) -> Lane {
+        self.runs += 1;
+        let schema = format!("b{}_{name}", self.runs);
+        let topic = format!("{schema}.events");
+        let http_port = free_port();
+        let config_text = config_toml(
+            o,
+            &schema.replace('_', "-"),
+            &schema,
+            &topic,
+            &self.db_url,
+            &self.broker.bootstrap(),
+            http_port,
+        );
+        let config = self.dir.path().join(format!("{schema}.toml"));
+        std::fs::write(&config, &config_text).expect("write config");
+        let log = self.dir.path().join(format!("{schema}.migrate.log"));
+        let (bootstrap, partitions) = (self.broker.bootstrap(), self.opts.partitions);
+        let t = topic.clone();
+        let c = config.clone();
+        tokio::task::spawn_blocking(move || {
+            create_topic(&bootstrap, &t, partitions);
+            migrate(&c, &log);
+        })
+        .await
+        .expect("create topic and migrate");
+        Lane {
+            schema,
+            topic,
+            config,
+            config_text,
+            http_port,
+        }
+    }
+
+    async fn drop_lane(&self, lane: &Lane) {
+        self.admin
+            .batch_execute(&format!(
+                "/* bench */ DROP SCHEMA \"{}\" CASCADE",
+                lane.schema
+            ))
+            .await
+            .expect("drop schema");
+    }
+
+    /// Makes sure the template holds at least `n` rows.
+    async fn ensure_template(&mut self, n: u64) {
+        const CHUNK: u64 = 250_000;
+        while self.template_rows < n {
+            let from = self.template_rows + 1;
+            let to = (self.template_rows + CHUNK).min(n);
+            progress!(
+                self.t0,
+                "generating template events {}..{}",
+                thousands(from),
+                thousands(to)
+            );
+            workload::generate_template(&self.admin, from, to).await;
+            self.template_rows = to;
+        }
+        self.admin
+            .batch_execute("VACUUM (ANALYZE) bench_data.events")
+            .await
+            .expect("vacuum template");
+    }
+
+    /// The CPU split of a measured window, noting what processes outside the bench used.
+    fn cpu_split(&mut self, a: &cpu::Sample, z: &cpu::Sample) -> String {
+        let (other, capacity) = cpu::others(a, z);
+        self.other_cpu.0 += other;
+        self.other_cpu.1 += capacity;
+        cpu::split(a, z)
+    }
+
+    async fn reset_statements(&self) {
+        self.admin
+            .batch_execute("/* bench */ SELECT pg_stat_statements_reset()")
+            .await
+            .expect("reset pg_stat_statements");
+    }
+
+    /// The statements PostgreSQL spent most time on since the last reset, as report lines.
+    async fn top_statements(&self, title: &str, wall: Duration) -> Vec<String> {
+        let rows = self
+            .admin
+            .query(
+                "/* bench */ SELECT calls, total_exec_time, mean_exec_time, rows,
+                        left(regexp_replace(query, '\\s+', ' ', 'g'), 72)
+                 FROM pg_stat_statements
+                 WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
+                   AND query NOT LIKE '%bench */%'
+                 ORDER BY total_exec_time DESC",
+                &[],
+            )
+            .await
+            .expect("read pg_stat_statements");
+        let total_ms: f64 = rows.iter().map(|r| r.get::<_, f64>(1)).sum();
+        let mut lines = vec![format!(
+            "{title}: wall {:.2} s, PostgreSQL executing statements {:.2} s ({:.0}%)",
+            wall.as_secs_f64(),
+            total_ms / 1e3,
+            100.0 * total_ms / 1e3 / wall.as_secs_f64().max(1e-9)
+        )];
+        for r in rows.iter().take(4) {
+            let calls: i64 = r.get(0);
+            let total: f64 = r.get(1);
+            let mean: f64 = r.get(2);
+            let nrows: i64 = r.get(3);
+            let q: String = r.get(4);
+            lines.push(format!(
+                "    {:>8} calls {:>9.0} ms total {:>8.3} ms mean {:>9} rows  {q}",
+                thousands(calls as u64),
+                total,
+                mean,
+                thousands(nrows as u64)
+            ));
+        }
+        lines
+    }
+}
+
+fn main() {
+    // `cargo bench` passes --bench; `cargo test --benches` does not, and this is no test.
+    if !std::env::args().any(|a| a == "--bench") {
+        eprintln!(
+            "benches/relay: a benchmark, not a test; run it with `cargo bench --bench relay`"
+        );
+        return;
+    }
+    let opts = Opts::from_env();
+    let t0 = Instant::now();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let report = rt.block_on(run(opts, t0));
+    println!("{}", report.render());
+    eprintln!("benches/relay: done in {:.0} s", t0.elapsed().as_secs_f64());
+}
+
+async fn run(opts: Opts, t0: Instant) -> Report {
+    let load = tokio::task::spawn_blocking(|| cpu::machine_load(Duration::from_secs(1)))
+        .await
+        .expect("measure machine load");
+    if load > 0.2 {
+        progress!(
+            t0,
+            "warning: {:.0}% of the CPUs are busy before the bench started anything",
+            100.0 * load
+        );
+    }
+    progress!(t0, "starting PostgreSQL and tansu");
+    let pg = tokio::task::spawn_blocking(PgServer::start)
+        .await
+        .expect("start PostgreSQL");
+    pg.psql(
+        "postgres",
+        &format!(
+            "ALTER SYSTEM SET shared_buffers = '256MB';
+             ALTER SYSTEM SET shared_preload_libraries = 'pg_stat_statements';
+             ALTER SYSTEM SET fsync = {};
+             ALTER SYSTEM SET max_wal_size = '4GB';",
+            if opts.fsync { "on" } else { "off" }
+        ),
+    );
+    let pg = tokio::task::spawn_blocking(move || {
+        pg.restart();
+        pg
+    })
+    .await
+    .expect("restart PostgreSQL");
+    pg.create_database("bench");
+    pg.psql("bench", "CREATE EXTENSION pg_stat_statements");
+    let settings = pg.psql(
+        "bench",
+        "SELECT current_setting('server_version') || ', fsync=' || current_setting('fsync') || \
+         ', synchronous_commit=' || current_setting('synchronous_commit') || \
+         ', shared_buffers=' || current_setting('shared_buffers')",
+    );
+    let data_fs = std::process::Command::new("df")
+        .args(["-PT"])
+        .arg(pg.data_dir())
+        .output()
+        .ok()
+        .and_then(|o| {
+            let text = String::from_utf8_lossy(&o.stdout).into_owned();
+            let l = text.lines().nth(1)?.to_string();
+            let f: Vec<&str> = l.split_whitespace().collect();
+            Some(format!("{} on {}", f.get(1)?, f.get(6)?))
+        })
+        .unwrap_or_else(|| "unknown".into());
+    let broker = tokio::task::spawn_blocking(Broker::start)
+        .await
+        .expect("start tansu");
+    let db_url = pg.url("bench");
+    let admin = workload::connect(&db_url).await;
+    let procs = cpu::Procs {
+        postmaster: cpu::postmaster_pid(pg.data_dir()),
+        tansu: cpu::tansu_pid(broker.port),
+    };
+    let mut b = Bench {
+        procs,
+        other_cpu: (0.0, 0.0),
+        t0,
+        admin,
+        db_url,
+        pg,
+        broker,
+        dir: tempfile::Builder::new()
+            .prefix("outbox-relay-bench-")
+            .tempdir()
+            .expect("temp dir"),
+        runs: 0,
+        template_rows: 0,
+        report: Report::default(),
+        opts,
+    };
+    b.ensure_template(b.opts.events.max(10_000)).await;
+    let (payload, headers, aggregates) = workload::template_shape(&b.admin).await;
+    let shipped = (shipped_int("batch_size"), shipped_int("delete_batch_size"));
+    b.report.header = vec![
+        format!(
+            "outbox-relay benchmark: backlog {} events (payload avg {payload:.0} B JSON, {aggregates} aggregates of {AGGREGATES}, avg {headers:.1} row headers + 4 relay headers), topics of {} partitions",
+            thousands(b.opts.events),
+            b.opts.partitions
+        ),
+        format!("machine: {}", machine()),
+        format!("PostgreSQL {settings}, data dir {data_fs}; the same server for every contender"),
+        format!(
+            "broker: tansu (memory storage), 127.0.0.1; producer: the relay's own (sink::Sink with config/default.toml [kafka.properties]); shipped batch_size/delete_batch_size {}/{}",
+            shipped.0.map(|v| v.to_string()).unwrap_or("?".into()),
+            shipped.1.map(|v| v.to_string()).unwrap_or("?".into())
+        ),
+    ];
+
+    let n = b.opts.events;
+    let batch = b.opts.batch;
+    let drain_cap = Duration::from_secs_f64(b.opts.drain_secs);
+    // (label, key, batch, delete batch): the throughput setting, the plan's default and,
+    // if it differs from both, what config/default.toml ships.
+    let mut settings_list = vec![
+        (
+            format!("batch {batch} / delete {batch}"),
+            format!("{batch}"),
+            batch,
+            batch,
+        ),
+        (
+            "batch 10 / delete 50 (plan default)".to_string(),
+            "10".to_string(),
+            10,
+            50,
+        ),
+    ];
+    if let (Some(bs), Some(ds)) = shipped {
+        if !settings_list.iter().any(|s| s.2 == bs && s.3 == ds) {
+            settings_list.push((
+                format!("batch {bs} / delete {ds} (config/default.toml)"),
+                format!("{bs}"),
+                bs,
+                ds,
+            ));
+        }
+    }
+
+    if b.opts.runs("broker") {
+        broker_limit(&mut b, n).await;
+    }
+    if b.opts.runs("sql") {
+        for (label, key, bs, ds) in &settings_list {
+            sql_limit(
+                &mut b,
+                n,
+                label,
+                &format!("sql-{key}"),
+                *bs,
+                *ds as usize,
+                drain_cap,
+            )
+            .await;
+        }
+    }
+    if b.opts.runs("relay") {
+        for (label, key, bs, ds) in &settings_list {
+            let o = Overrides {
+                batch_size: Some(*bs),
+                delete_batch_size: Some(*ds),
+                process_interval: None,
+            };
+            let row = relay_drain(
+                &mut b,
+                n,
+                &format!("relay, {label}"),
+                &o,
+                drain_cap,
+                &format!("relay-{key}"),
+            )
+            .await;
+            let limit_key = format!("sql-{key}");
+            let has_limit = b.report.drains.iter().any(|r| r.key == limit_key);
+            b.report.drains.push(DrainRow {
+                limit_key: has_limit.then_some(limit_key),
+                ..row
+            });
+        }
+    }
+    if b.opts.runs("naive") {
+        naive(&mut b, n).await;
+    }
+    if b.opts.runs("latency") {
+        for rate in b.opts.rates.clone() {
+            latency(&mut b, rate, true).await;
+            latency(&mut b, rate, false).await;
+        }
+    }
+    if b.opts.runs("big") {
+        let big = b.opts.big.unwrap_or(1_000_000);
+        b.ensure_template(big).await;
+        let o = Overrides {
+            batch_size: Some(batch),
+            delete_batch_size: Some(batch),
+            process_interval: None,
+        };
+        let cap = Duration::from_secs_f64(b.opts.drain_secs.max(big as f64 / 2_000.0));
+        let row = relay_drain(
+            &mut b,
+            big,
+            &format!("relay, batch {batch} / delete {batch}"),
+            &o,
+            cap,
+            "big",
+        )
+        .await;
+        b.report.big = Some(row);
+    }
+    let (other, capacity) = b.other_cpu;
+    let share = other / capacity.max(1e-9);
+    b.report.header.push(format!(
+        "other processes used {:.1}% of the CPUs during the measured windows ({:.0}% before the start){}",
+        100.0 * share,
+        100.0 * load,
+        if share > 0.05 { ": the machine was NOT quiet, the figures are disturbed" } else { "" }
+    ));
+    progress!(t0, "stopping servers");
+    let Bench {
+        pg,
+        broker,
+        admin,
+        report,
+        dir,
+        ..
+    } = b;
+    drop(admin);
+    tokio::task::spawn_blocking(move || {
+        drop(broker);
+        drop(pg);
+        drop(dir);
+    })
+    .await
+    .expect("stop servers");
+    report
+}
+
+/// The broker alone: the same records, produced with the relay's producer settings.
+/// One record per partition goes first, unmeasured, so connections and metadata are
+/// in place: this is the broker's best case.
+async fn broker_limit(b: &mut Bench, n: u64) {
+    let lane = b.lane("broker", &Overrides::default()).await;
+    let records = workload::template_records(&b.admin, n).await;
+    let producer = relay_producer(&lane.config_text);
+    let warm = (b.opts.partitions as usize).min(records.len());
+    produce_all(&producer, &lane.topic, &records[..warm]).await;
+    let consumer = CountingConsumer::start(
+        &b.broker.bootstrap(),
+        &lane.topic,
+        b.opts.partitions,
+        n + warm as u64,
+        None,
+    );
+    progress!(b.t0, "broker limit: producing {} records", thousands(n));
+    let c0 = cpu::sample(&b.procs, None);
+    let started = Instant::now();
+    let acked = produce_all(&producer, &lane.topic, &records).await;
+    let reached = consumer.wait_target(Duration::from_secs(120)).await;
+    let consumed = reached.map(|at| at - started).unwrap_or(started.elapsed());
+    let c1 = cpu::sample(&b.procs, None);
+    b.report.breakdown.push(format!(
+        "broker alone, {} records: acks after {:.2} s, all at the consumer after {:.2} s",
+        thousands(n),
+        acked.as_secs_f64(),
+        consumed.as_secs_f64()
+    ));
+    let line = b.cpu_split(&c0, &c1);
+    b.report.breakdown.push(line);
+    b.report.drains.push(DrainRow {
+        key: "broker-acks".into(),
+        label: "limit: broker alone, produce + acks".into(),
+        events: n,
+        elapsed: acked,
+        complete: true,
+        limit_key: None,
+        proc: None,
+    });
+    b.report.drains.push(DrainRow {
+        key: "broker".into(),
+        label: "limit: broker alone, at the consumer".into(),
+        events: consumer.count().saturating_sub(warm as u64).min(n),
+        elapsed: consumed,
+        complete: reached.is_some(),
+        limit_key: None,
+        proc: None,
+    });
+    b.drop_lane(&lane).await;
+}
+
+/// The SQL-only limit at one batch size.
+async fn sql_limit(
+    b: &mut Bench,
+    n: u64,
+    label: &str,
+    key: &str,
+    batch: i64,
+    delete: usize,
+    cap: Duration,
+) {
+    let lane = b.lane(&format!("sql{batch}"), &Overrides::default()).await;
+    progress!(
+        b.t0,
+        "SQL-only limit, {label}: loading {} events",
+        thousands(n)
+    );
+    workload::load_backlog(&b.admin, &lane.schema, n).await;
+    let client = workload::connect(&b.db_url).await;
+    b.reset_statements().await;
+    progress!(b.t0, "SQL-only limit, {label}: draining");
+    let c0 = cpu::sample(&b.procs, None);
+    let (drained, elapsed) =
+        workload::drain_sql_only(&client, &lane.schema, batch, delete, cap).await;
+    let c1 = cpu::sample(&b.procs, None);
+    let lines = b
+        .top_statements(&format!("SQL-only limit, {label}"), elapsed)
+        .await;
+    b.report.breakdown.extend(lines);
+    let line = b.cpu_split(&c0, &c1);
+    b.report.breakdown.push(line);
+    b.report.drains.push(DrainRow {
+        key: key.into(),
+        label: format!("limit: SQL only, {label}"),
+        events: drained,
+        elapsed,
+        complete: drained >= n,
+        limit_key: None,
+        proc: None,
+    });
+    drop(client);
+    b.drop_lane(&lane).await;
+}
+
+/// `perf record -a -g` while it lives; `report` summarises what it saw.
+struct Perf {
+    child: std::process::Child,
+    data: PathBuf,
+}
+
+impl Perf {
+    fn start(dir: &std::path::Path) -> Option<Perf> {
+        let data = dir.join("perf.data");
+        let child = std::process::Command::new("perf")
+            .args(["record", "-a", "-g", "-F", "499", "-o"])
+            .arg(&data)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .map_err(|e| eprintln!("bench: perf unavailable: {e}"))
+            .ok()?;
+        std::thread::sleep(Duration::from_millis(300)); // perf needs a moment to attach
+        Some(Perf { child, data })
+    }
+
+    /// Stops recording; returns the busiest threads and the relay's hottest symbols.
+    fn report(mut self, relay_pid: u32) -> Vec<String> {
+        let _ = std::process::Command::new("kill")
+            .args(["-INT", &self.child.id().to_string()])
+            .status();
+        let end = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < end && !matches!(self.child.try_wait(), Ok(Some(_))) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let run = |args: &[&str]| -> Vec<String> {
+            std::process::Command::new("perf")
+                .arg("report")
+                .arg("-i")
+                .arg(&self.data)
+                .args([
+                    "--stdio",
+                    "--no-children",
+                    "--percentage",
+                    "relative",
+                    "-q",
+                    "-g",
+                    "none",
+                    "--percent-limit",
+                    "1.5",
+                ])
+                .args(args)
+                .stderr(std::process::Stdio::null())
+                .output()
+                .map(|o| {
+                    String::from_utf8_lossy(&o.stdout)
+                        .lines()
+                        .filter(|l| !l.trim().is_empty())
+                        .take(14)
+                        .map(|l| format!("      {}", l.trim_end_matches([' ', '-'])))
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let mut lines = vec!["    perf, all CPUs, by thread name and binary:".to_string()];
+        lines.extend(run(&["--sort", "comm,dso"]));
+        lines.push("    perf, the relay process only, by symbol:".into());
+        lines.extend(run(&[
+            "--pid",
+            &relay_pid.to_string(),
+            "--sort",
+            "dso,symbol",
+        ]));
+        lines
+    }
+}
+
+/// The relay binary emptying a backlog of `n`, measured at the consumer.
+async fn relay_drain(
+    b: &mut Bench,
+    n: u64,
+    label: &str,
+    o: &Overrides,
+    cap: Duration,
+    key: &str,
+) -> DrainRow {
+    let lane = b
+        .lane(&format!("relay{}", o.batch_size.unwrap_or(0)), o)
+        .await;
+    progress!(b.t0, "{label}: loading {} events", thousands(n));
+    workload::load_backlog(&b.admin, &lane.schema, n).await;
+    let consumer = CountingConsumer::start(
+        &b.broker.bootstrap(),
+        &lane.topic,
+        b.opts.partitions,
+        n,
+        None,
+    );
+    b.reset_statements().await;
+    let perf = if b.opts.perf && o.batch_size == Some(b.opts.batch) {
+        Perf::start(b.dir.path())
+    } else {
+        None
+    };
+    progress!(b.t0, "{label}: draining");
+    let log = b.dir.path().join(format!("{}.relay.log", lane.schema));
+    let c0 = cpu::sample(&b.procs, None);
+    let mut relay = RelayProcess::start(&lane.config, &log, lane.http_port);
+    let end = relay.started + cap;
+    let reached = loop {
+        relay.assert_running();
+        if let Some(at) = consumer.wait_target(Duration::from_millis(100)).await {
+            break Some(at);
+        }
+        if Instant::now() >= end {
+            break None;
+        }
+    };
+    let elapsed = reached.unwrap_or_else(Instant::now) - relay.started;
+    let events = consumer.count().min(n);
+    let stats = relay.stats();
+    let c1 = cpu::sample(&b.procs, Some(relay.pid()));
+    let metrics = relay.metrics();
+    let mut left = -1;
+    if reached.is_some() {
+        // Deleting the last batch follows its acknowledgement; wait for it.
+        let until = Instant::now() + Duration::from_secs(30);
+        loop {
+            left = workload::pending(&b.admin, &lane.schema).await;
+            if left == 0 || Instant::now() >= until {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let emptied = relay.started.elapsed();
+    let relay_pid = relay.pid();
+    let perf_lines = match perf {
+        Some(p) => tokio::task::spawn_blocking(move || p.report(relay_pid))
+            .await
+            .expect("perf report"),
+        None => Vec::new(),
+    };
+    tokio::task::spawn_blocking(move || relay.stop())
+        .await
+        .expect("stop relay");
+    let mut lines = b
+        .top_statements(&format!("{label} (N = {})", thousands(n)), elapsed)
+        .await;
+    if let (Some((bs, bc)), Some((ps, pc))) = (
+        histogram(&metrics, "outbox_batch_duration_seconds"),
+        histogram(&metrics, "outbox_publish_duration_seconds"),
+    ) {
+        lines.push(format!(
+            "    relay /metrics: {} batches, mean batch {:.2} ms, mean publish+acks {:.2} ms; outbox empty {:.2} s after start{}",
+            thousands(bc as u64),
+            1e3 * bs / bc.max(1.0),
+            1e3 * ps / pc.max(1.0),
+            emptied.as_secs_f64(),
+            if left > 0 { format!(" ({left} rows still there)") } else { String::new() }
+        ));
+    }
+    lines.push(b.cpu_split(&c0, &c1));
+    lines.extend(perf_lines);
+    b.report.breakdown.extend(lines);
+    drop(consumer);
+    b.drop_lane(&lane).await;
+    DrainRow {
+        key: key.into(),
+        label: label.into(),
+        events,
+        elapsed,
+        complete: reached.is_some(),
+        limit_key: None,
+        proc: Some(stats),
+    }
+}
+
+/// The naive row-at-a-time relay on the same backlog, capped.
+async fn naive(b: &mut Bench, n: u64) {
+    let lane = b.lane("naive", &Overrides::default()).await;
+    progress!(b.t0, "naive relay: loading {} events", thousands(n));
+    workload::load_backlog(&b.admin, &lane.schema, n).await;
+    let producer = relay_producer(&lane.config_text);
+    let mut client = workload::connect(&b.db_url).await;
+    let consumer = CountingConsumer::start(
+        &b.broker.bootstrap(),
+        &lane.topic,
+        b.opts.partitions,
+        n,
+        None,
+    );
+    progress!(
+        b.t0,
+        "naive relay: running for up to {} s",
+        b.opts.naive_secs
+    );
+    let source = lane.schema.replace('_', "-");
+    b.reset_statements().await;
+    let c0 = cpu::sample(&b.procs, None);
+    let (done, elapsed) = workload::naive_relay(
+        &mut client,
+        &producer,
+        &lane.schema,
+        &source,
+        &lane.topic,
+        Duration::from_secs_f64(b.opts.naive_secs),
+    )
+    .await;
+    let c1 = cpu::sample(&b.procs, None);
+    let seen = consumer.wait_count(done, Duration::from_secs(30)).await;
+    assert!(
+        seen >= done,
+        "naive relay: the consumer saw {seen} of {done} events"
+    );
+    let lines = b.top_statements("naive relay", elapsed).await;
+    b.report.breakdown.extend(lines);
+    let line = b.cpu_split(&c0, &c1);
+    b.report.breakdown.push(line);
+    b.report.drains.push(DrainRow {
+        key: "naive".into(),
+        label: "naive relay (row at a time, FOR UPDATE SKIP LOCKED)".into(),
+        events: done,
+        elapsed,
+        complete: done >= n,
+        limit_key: None,
+        proc: None,
+    });
+    drop(consumer);
+    drop(client);
+    b.drop_lane(&lane).await;
+}
+
+/// How long the consumer is given after a latency run's writer stops.
+const LATENCY_GRACE: Duration = Duration::from_secs(30);
+
+/// Commit-to-consumer latency at a steady `rate`: through the relay (defaults plus
+/// process_interval 5s, so wake-up comes from NOTIFY) or the broker alone.
+async fn latency(b: &mut Bench, rate: u64, through_relay: bool) {
+    let o = Overrides {
+        process_interval: Some("5s"),
+        ..Overrides::default()
+    };
+    let lane = b
+        .lane(if through_relay { "lat" } else { "latbroker" }, &o)
+        .await;
+    let templates: Vec<BrokerRecord> = workload::template_records(&b.admin, 10_000).await;
+    let warm = rate;
+    let measured = (rate as f64 * b.opts.latency_secs) as u64;
+    let total = warm + measured;
+    let book = Arc::new(LatencyBook::new(total));
+    let consumer = CountingConsumer::start(
+        &b.broker.bootstrap(),
+        &lane.topic,
+        b.opts.partitions,
+        total,
+        Some(book.clone()),
+    );
+    let what = if through_relay {
+        "relay"
+    } else {
+        "broker alone"
+    };
+    let label = if through_relay {
+        format!(
+            "relay @ {}/s (default.toml {}/{}, NOTIFY)",
+            thousands(rate),
+            shipped_int("batch_size").map_or("?".into(), |v| v.to_string()),
+            shipped_int("delete_batch_size").map_or("?".into(), |v| v.to_string())
+        )
+    } else {
+        format!(
+            "broker alone @ {}/s (producer -> consumer)",
+            thousands(rate)
+        )
+    };
+    progress!(
+        b.t0,
+        "latency, {what} at {}/s: 1 s warm-up, then {} s",
+        thousands(rate),
+        b.opts.latency_secs
+    );
+    let mut relay = None;
+    let client = workload::connect(&b.db_url).await;
+    let producer = relay_producer(&lane.config_text);
+    if through_relay {
+        let log = b.dir.path().join(format!("{}.relay.log", lane.schema));
+        relay = Some(RelayProcess::start(&lane.config, &log, lane.http_port));
+    }
+    let write = |seqs: std::ops::Range<u64>| {
+        let (client, producer, lane, templates, book) =
+            (&client, &producer, &lane, &templates, &book);
+        async move {
+            if through_relay {
+                workload::write_outbox_at_rate(
+                    client,
+                    &lane.schema,
+                    templates,
+                    rate as f64,
+                    seqs,
+                    book,
+                )
+                .await
+            } else {
+                workload::produce_at_rate(producer, &lane.topic, templates, rate as f64, seqs, book)
+                    .await
+            }
+        }
+    };
+    write(0..warm).await;
+    let got = consumer.wait_count(warm, Duration::from_secs(60)).await;
+    if let Some(r) = relay.as_mut() {
+        r.assert_running();
+    }
+    assert!(
+        got >= warm,
+        "latency warm-up: {got} of {warm} events arrived within 60 s"
+    );
+    let relay_pid = relay.as_ref().map(RelayProcess::pid);
+    let c0 = cpu::sample(&b.procs, relay_pid);
+    let stats = write(warm..total).await;
+    let got = consumer.wait_count(total, LATENCY_GRACE).await;
+    let c1 = cpu::sample(&b.procs, relay_pid);
+    let proc = relay.as_ref().map(|r| relay_process::ProcStats {
+        peak_rss_kib: r.stats().peak_rss_kib,
+        cpu: Duration::from_secs_f64(c1.relay_since(&c0)),
+    });
+    if let Some(r) = relay {
+        tokio::task::spawn_blocking(move || r.stop())
+            .await
+            .expect("stop relay");
+    }
+    let (latencies, missing) = book.latencies_ms(warm..total);
+    if got < total {
+        eprintln!("latency, {what} at {rate}/s: only {got} of {total} events arrived");
+    }
+    b.report.breakdown.push(format!("latency, {label}:"));
+    let line = b.cpu_split(&c0, &c1);
+    b.report.breakdown.push(line);
+    b.report.latencies.push(LatencyRow {
+        label,
+        target_rate: rate as f64,
+        achieved_rate: stats.rate(),
+        per_tx: stats.events as f64 / stats.transactions.max(1) as f64,
+        mean_commit: stats.mean_commit,
+        latencies,
+        missing,
+        waited: LATENCY_GRACE,
+        duplicates: book.duplicates(),
+        proc,
+    });
+    drop(consumer);
+    drop(client);
+    b.drop_lane(&lane).await;
+}
