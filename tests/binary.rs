@@ -31,6 +31,35 @@ fn relay(config: &Path, args: &[&str], env: &[(&str, &str)], log: &Path) -> Comm
     c
 }
 
+/// A relay process that is killed if the test fails before stopping it.
+struct Relay(Child);
+
+impl std::ops::Deref for Relay {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Relay {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+fn spawn(mut cmd: Command) -> Relay {
+    Relay(cmd.spawn().expect("spawn outbox-relay"))
+}
+
 fn wait_exit(child: &mut Child, deadline: Duration) -> std::process::ExitStatus {
     let end = Instant::now() + deadline;
     loop {
@@ -136,7 +165,7 @@ fn migrate_then_run_relays_four_services_in_two_databases_and_sigterm_drains() {
         );
     }
 
-    let mut child = relay(&config, &["run"], &env, &log).spawn().unwrap();
+    let mut child = spawn(relay(&config, &["run"], &env, &log));
     for (s, n) in srcs.iter().zip(per_source) {
         let got = consume(&broker.bootstrap(), &s.topic, n, DEADLINE);
         let (distinct, dups, disorder) = audit(&got);
@@ -197,7 +226,7 @@ fn kill_9_mid_stream_then_restart_loses_nothing() {
     let total = 40_000;
     insert_events(&pg, "postgres", &schema, total, 101, 0);
 
-    let mut child = relay(&config, &["run"], &[], &log).spawn().unwrap();
+    let mut child = spawn(relay(&config, &["run"], &[], &log));
     wait_until("the relay is mid-stream", DEADLINE, || {
         outbox_rows(&pg, "postgres", &schema) <= (total - 3000) as i64
     });
@@ -210,7 +239,7 @@ fn kill_9_mid_stream_then_restart_loses_nothing() {
     );
     eprintln!("killed with {left} of {total} rows left");
 
-    let mut child = relay(&config, &["run"], &[], &log).spawn().unwrap();
+    let mut child = spawn(relay(&config, &["run"], &[], &log));
     wait_until("outbox empty after restart", DEADLINE, || {
         outbox_rows(&pg, "postgres", &schema) == 0
     });
@@ -426,12 +455,15 @@ fn two_relay_processes_share_a_source_and_the_survivor_of_a_kill_9_takes_over() 
         .success());
     let ports = [common::free_port(), common::free_port()];
     let listen: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
-    let mut children: Vec<Child> = listen
+    let mut children: Vec<Relay> = listen
         .iter()
         .map(|l| {
-            relay(&config, &["run"], &[("OUTBOX_HTTP__LISTEN", l)], &log)
-                .spawn()
-                .unwrap()
+            spawn(relay(
+                &config,
+                &["run"],
+                &[("OUTBOX_HTTP__LISTEN", l)],
+                &log,
+            ))
         })
         .collect();
     let leaders = || ports.map(|p| leader_gauge(p, "pair").unwrap_or(0.0));
@@ -495,7 +527,7 @@ fn a_frozen_broker_is_logged_once_at_its_start_and_once_at_its_end() {
         .status()
         .unwrap()
         .success());
-    let mut child = relay(&config, &["run"], &[], &log).spawn().unwrap();
+    let mut child = spawn(relay(&config, &["run"], &[], &log));
     insert_events(&pg, "postgres", &schema, 20, 4, 0);
     assert_eq!(consume(&broker.bootstrap(), &topic, 20, DEADLINE).len(), 20);
 

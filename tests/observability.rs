@@ -141,13 +141,11 @@ async fn metrics_count_every_event_and_every_series_exists_from_the_start() {
     ] {
         assert_eq!(value(&m, name, &quiet_l), Some(0.0), "{name}");
     }
-    for name in [
-        "process_resident_memory_bytes",
-        "process_cpu_seconds_total",
-        "process_open_fds",
-    ] {
+    for name in ["process_resident_memory_bytes", "process_open_fds"] {
         assert!(value(&m, name, &[]).unwrap_or(0.0) > 0.0, "{name}");
     }
+    // Whole seconds in the prometheus crate's collector: present, maybe still 0.
+    assert!(value(&m, "process_cpu_seconds_total", &[]).is_some());
     assert_eq!(
         value(
             &m,

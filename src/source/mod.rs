@@ -834,7 +834,16 @@ impl WakeUp {
         loop {
             match tokio::time::timeout_at(deadline, rx.recv()).await {
                 Err(_) => return,
-                Ok(Some(Notice::Notify(s))) if s == schema => return,
+                Ok(Some(Notice::Notify(s))) if s == schema => {
+                    // Notifications that queued up while a batch was out all ask for the
+                    // same thing: one claim. Drain them so they do not cause empty claims.
+                    while let Ok(n) = rx.try_recv() {
+                        if let Notice::Closed(why) = n {
+                            self.set_lost(why);
+                        }
+                    }
+                    return;
+                }
                 Ok(Some(Notice::Notify(_))) => continue,
                 Ok(Some(Notice::Closed(why))) => {
                     self.set_lost(why);
