@@ -82,6 +82,46 @@ fn sigterm(child: &Child) {
     assert!(st.success());
 }
 
+/// A relay configuration of one source with a fresh schema, migrated by the binary.
+struct OneSource {
+    _dir: tempfile::TempDir,
+    config: std::path::PathBuf,
+    log: std::path::PathBuf,
+    schema: String,
+    topic: String,
+}
+
+impl OneSource {
+    /// `extra` holds top-level settings; the source is named `name`.
+    fn new(pg: &PgServer, brokers: &str, name: &str, extra: &str) -> OneSource {
+        let dir = tempfile::tempdir().unwrap();
+        let schema = unique_name(name);
+        let topic = format!("{schema}.events");
+        let toml = format!(
+            "database_url = \"{}\"\nprocess_interval = \"300ms\"\n{extra}\n\
+             [kafka]\nbrokers = \"{brokers}\"\n[http]\nlisten = \"127.0.0.1:0\"\n\
+             [[sources]]\nname = \"{name}\"\nschema = \"{schema}\"\ntopic = \"{topic}\"\n",
+            pg.url("postgres"),
+        );
+        let config = dir.path().join("relay.toml");
+        std::fs::write(&config, toml).unwrap();
+        let log = dir.path().join("relay.log");
+        let st = relay(&config, &["migrate"], &[], &log).status().unwrap();
+        assert!(
+            st.success(),
+            "migrate: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        OneSource {
+            _dir: dir,
+            config,
+            log,
+            schema,
+            topic,
+        }
+    }
+}
+
 struct Src {
     name: &'static str,
     db: &'static str,
@@ -205,24 +245,19 @@ fn migrate_then_run_relays_four_services_in_two_databases_and_sigterm_drains() {
 fn kill_9_mid_stream_then_restart_loses_nothing() {
     let pg = PgServer::start();
     let broker = Broker::start();
-    let dir = tempfile::tempdir().unwrap();
-    let schema = unique_name("killed");
-    let topic = format!("{schema}.events");
-    create_topic(&broker.bootstrap(), &topic, 3);
-    let toml = format!(
-        "database_url = \"{}\"\nprocess_interval = \"300ms\"\noperation_timeout = \"10s\"\nbatch_size = 100\n\
-         [kafka]\nbrokers = \"{}\"\n[http]\nlisten = \"127.0.0.1:0\"\n\
-         [[sources]]\nname = \"killed\"\nschema = \"{schema}\"\ntopic = \"{topic}\"\n",
-        pg.url("postgres"),
-        broker.bootstrap(),
+    let one = OneSource::new(
+        &pg,
+        &broker.bootstrap(),
+        "killed",
+        "operation_timeout = \"10s\"\nbatch_size = 100",
     );
-    let config = dir.path().join("relay.toml");
-    std::fs::write(&config, toml).unwrap();
-    let log = dir.path().join("relay.log");
-    assert!(relay(&config, &["migrate"], &[], &log)
-        .status()
-        .unwrap()
-        .success());
+    let (config, log, schema, topic) = (
+        one.config.clone(),
+        one.log.clone(),
+        one.schema.clone(),
+        one.topic.clone(),
+    );
+    create_topic(&broker.bootstrap(), &topic, 3);
     let total = 40_000;
     insert_events(&pg, "postgres", &schema, total, 101, 0);
 
@@ -293,20 +328,8 @@ fn bad_configuration_exits_64_naming_every_bad_key() {
 #[test]
 fn dead_letter_tool_lists_shows_replays_and_purges_without_sql() {
     let pg = PgServer::start();
-    let dir = tempfile::tempdir().unwrap();
-    let schema = unique_name("dlq");
-    let toml = format!(
-        "database_url = \"{}\"\n[kafka]\nbrokers = \"127.0.0.1:1\"\n\
-         [[sources]]\nname = \"orders\"\nschema = \"{schema}\"\ntopic = \"orders.events\"\n",
-        pg.url("postgres"),
-    );
-    let config = dir.path().join("relay.toml");
-    std::fs::write(&config, toml).unwrap();
-    let log = dir.path().join("relay.log");
-    assert!(relay(&config, &["migrate"], &[], &log)
-        .status()
-        .unwrap()
-        .success());
+    let one = OneSource::new(&pg, "127.0.0.1:1", "orders", "");
+    let (config, schema) = (one.config.clone(), one.schema.clone());
     // Three events the relay gave up on (as the settle step writes them).
     pg.psql(
         "postgres",
@@ -435,24 +458,19 @@ fn leader_gauge(port: u16, source: &str) -> Option<f64> {
 fn two_relay_processes_share_a_source_and_the_survivor_of_a_kill_9_takes_over() {
     let pg = PgServer::start();
     let broker = Broker::start();
-    let dir = tempfile::tempdir().unwrap();
-    let schema = unique_name("pair");
-    let topic = format!("{schema}.events");
-    create_topic(&broker.bootstrap(), &topic, 3);
-    let toml = format!(
-        "database_url = \"{}\"\nprocess_interval = \"300ms\"\noperation_timeout = \"10s\"\nbatch_size = 50\n\
-         [kafka]\nbrokers = \"{}\"\n\
-         [[sources]]\nname = \"pair\"\nschema = \"{schema}\"\ntopic = \"{topic}\"\n",
-        pg.url("postgres"),
-        broker.bootstrap(),
+    let one = OneSource::new(
+        &pg,
+        &broker.bootstrap(),
+        "pair",
+        "operation_timeout = \"10s\"\nbatch_size = 50",
     );
-    let config = dir.path().join("relay.toml");
-    std::fs::write(&config, toml).unwrap();
-    let log = dir.path().join("relay.log");
-    assert!(relay(&config, &["migrate"], &[], &log)
-        .status()
-        .unwrap()
-        .success());
+    let (config, log, schema, topic) = (
+        one.config.clone(),
+        one.log.clone(),
+        one.schema.clone(),
+        one.topic.clone(),
+    );
+    create_topic(&broker.bootstrap(), &topic, 3);
     let ports = [common::free_port(), common::free_port()];
     let listen: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
     let mut children: Vec<Relay> = listen
@@ -509,24 +527,19 @@ fn two_relay_processes_share_a_source_and_the_survivor_of_a_kill_9_takes_over() 
 fn a_frozen_broker_is_logged_once_at_its_start_and_once_at_its_end() {
     let pg = PgServer::start();
     let broker = Broker::start();
-    let dir = tempfile::tempdir().unwrap();
-    let schema = unique_name("frozen");
-    let topic = format!("{schema}.events");
-    create_topic(&broker.bootstrap(), &topic, 1);
-    let toml = format!(
-        "database_url = \"{}\"\nprocess_interval = \"300ms\"\noperation_timeout = \"2s\"\n\
-         [kafka]\nbrokers = \"{}\"\n[http]\nlisten = \"127.0.0.1:0\"\n\
-         [[sources]]\nname = \"frozen\"\nschema = \"{schema}\"\ntopic = \"{topic}\"\n",
-        pg.url("postgres"),
-        broker.bootstrap(),
+    let one = OneSource::new(
+        &pg,
+        &broker.bootstrap(),
+        "frozen",
+        "operation_timeout = \"2s\"",
     );
-    let config = dir.path().join("relay.toml");
-    std::fs::write(&config, toml).unwrap();
-    let log = dir.path().join("relay.log");
-    assert!(relay(&config, &["migrate"], &[], &log)
-        .status()
-        .unwrap()
-        .success());
+    let (config, log, schema, topic) = (
+        one.config.clone(),
+        one.log.clone(),
+        one.schema.clone(),
+        one.topic.clone(),
+    );
+    create_topic(&broker.bootstrap(), &topic, 1);
     let mut child = spawn(relay(&config, &["run"], &[], &log));
     insert_events(&pg, "postgres", &schema, 20, 4, 0);
     assert_eq!(consume(&broker.bootstrap(), &topic, 20, DEADLINE).len(), 20);

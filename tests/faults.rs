@@ -8,24 +8,14 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use common::relay::{
-    audit, dead_letter_rows, header, insert_events, migrate, outbox_rows, settings, toml,
+    audit, dead_letter_rows, header, insert_events, migrate, mock, outbox_rows, settings, toml,
     wait_outbox_empty, TestRelay, TestSource,
 };
 use common::{consume_async, PgServer};
 use outbox_relay::dead_letter::{self, Filter};
-use rdkafka::mocking::MockCluster;
-use rdkafka::producer::DefaultProducerContext;
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 
 const DEADLINE: Duration = Duration::from_secs(60);
-
-fn mock(topics: &[&str], partitions: i32) -> MockCluster<'static, DefaultProducerContext> {
-    let m = MockCluster::new(1).expect("mock cluster");
-    for t in topics {
-        m.create_topic(t, partitions, 1).expect("create topic");
-    }
-    m
-}
 
 /// Waits, asynchronously, until `f` holds.
 async fn eventually<F: FnMut() -> bool>(what: &str, deadline: Duration, mut f: F) {

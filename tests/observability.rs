@@ -4,70 +4,22 @@
 mod common;
 
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::relay::{
-    insert_events, migrate, settings, toml, wait_outbox_empty, TestRelay, TestSource,
+    insert_events, migrate, mock, scrape, settings, toml, value, wait_outbox_empty, TestRelay,
+    TestSource,
 };
 use common::{consume_async, PgServer};
-use rdkafka::mocking::MockCluster;
-use rdkafka::producer::DefaultProducerContext;
 
 const DEADLINE: Duration = Duration::from_secs(60);
-
-fn mock(topics: &[&str]) -> MockCluster<'static, DefaultProducerContext> {
-    let m = MockCluster::new(1).expect("mock cluster");
-    for t in topics {
-        m.create_topic(t, 2, 1).expect("create topic");
-    }
-    m
-}
-
-fn scrape(text: &str) -> prometheus_parse::Scrape {
-    prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string())))
-        .unwrap_or_else(|e| panic!("not Prometheus text format: {e}\n{text}"))
-}
-
-fn value(s: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    s.samples
-        .iter()
-        .find(|x| x.metric == name && labels.iter().all(|(k, v)| x.labels.get(k) == Some(*v)))
-        .map(|x| match x.value {
-            prometheus_parse::Value::Counter(v)
-            | prometheus_parse::Value::Gauge(v)
-            | prometheus_parse::Value::Untyped(v) => v,
-            prometheus_parse::Value::Histogram(ref h) => h.last().map(|b| b.count).unwrap_or(0.0),
-            prometheus_parse::Value::Summary(_) => f64::NAN,
-        })
-}
-
-/// Polls `path` until `ok(status, body)` holds; returns the last answer.
-async fn until(
-    relay: &TestRelay,
-    path: &str,
-    deadline: Duration,
-    ok: impl Fn(u16, &str) -> bool,
-) -> (u16, String) {
-    let end = Instant::now() + deadline;
-    loop {
-        let (code, body) = relay.get(path).await;
-        if ok(code, &body) {
-            return (code, body);
-        }
-        assert!(
-            Instant::now() < end,
-            "{path} never satisfied the condition; last: {code} {body}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn metrics_count_every_event_and_every_series_exists_from_the_start() {
     let pg = PgServer::start();
     let busy = TestSource::new(&pg, "postgres", "busy");
     let quiet = TestSource::new(&pg, "postgres", "quiet");
-    let kafka = mock(&[&busy.topic, &quiet.topic]);
+    let kafka = mock(&[&busy.topic, &quiet.topic], 2);
     let s = settings(&toml(
         &[&busy, &quiet],
         &kafka.bootstrap_servers(),
@@ -103,16 +55,17 @@ async fn metrics_count_every_event_and_every_series_exists_from_the_start() {
     let got = consume_async(&kafka.bootstrap_servers(), &busy.topic, n, DEADLINE).await;
     assert_eq!(got.len(), n);
     wait_outbox_empty(&busy.url, &busy.schema, DEADLINE).await;
-    let (_, text) = until(&relay, "/metrics", DEADLINE, |_, b| {
-        let m = scrape(b);
-        value(&m, "outbox_events_pending", &[("source", &busy.name)]) == Some(0.0)
-            && value(
-                &m,
-                "outbox_events_published_total",
-                &[("source", &busy.name)],
-            ) == Some(n as f64)
-    })
-    .await;
+    let (_, text) = relay
+        .until("/metrics", DEADLINE, |_, b| {
+            let m = scrape(b);
+            value(&m, "outbox_events_pending", &[("source", &busy.name)]) == Some(0.0)
+                && value(
+                    &m,
+                    "outbox_events_published_total",
+                    &[("source", &busy.name)],
+                ) == Some(n as f64)
+        })
+        .await;
     let m = scrape(&text);
     let busy_l = [("source", busy.name.as_str())];
     let quiet_l = [("source", quiet.name.as_str())];
@@ -161,11 +114,11 @@ async fn metrics_count_every_event_and_every_series_exists_from_the_start() {
 async fn postgres_down_turns_deep_health_503_while_liveness_stays_200() {
     let pg = PgServer::start();
     let src = TestSource::new(&pg, "postgres", "pgdown");
-    let kafka = mock(&[&src.topic]);
+    let kafka = mock(&[&src.topic], 2);
     let s = settings(&toml(&[&src], &kafka.bootstrap_servers(), ""));
     migrate(&s).await;
     let mut relay = TestRelay::start(s).await;
-    let (code, body) = until(&relay, "/health/deep", DEADLINE, |c, _| c == 200).await;
+    let (code, body) = relay.until("/health/deep", DEADLINE, |c, _| c == 200).await;
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["status"], "ok");
     let checks = v["checks"].as_array().unwrap();
@@ -185,7 +138,7 @@ async fn postgres_down_turns_deep_health_503_while_liveness_stays_200() {
     assert_eq!(code, 200);
 
     pg.stop();
-    let (_, body) = until(&relay, "/health/deep", DEADLINE, |c, _| c == 503).await;
+    let (_, body) = relay.until("/health/deep", DEADLINE, |c, _| c == 503).await;
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     let db = v["checks"]
         .as_array()
@@ -201,7 +154,7 @@ async fn postgres_down_turns_deep_health_503_while_liveness_stays_200() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     pg.restart();
-    until(&relay, "/health/deep", DEADLINE, |c, _| c == 200).await;
+    relay.until("/health/deep", DEADLINE, |c, _| c == 200).await;
     relay.stop().await;
 }
 
@@ -209,20 +162,20 @@ async fn postgres_down_turns_deep_health_503_while_liveness_stays_200() {
 async fn a_stalled_task_turns_liveness_503() {
     let pg = PgServer::start();
     let src = TestSource::new(&pg, "postgres", "stall");
-    let kafka = mock(&[&src.topic]);
+    let kafka = mock(&[&src.topic], 2);
     let s = settings(
         &toml(&[&src], &kafka.bootstrap_servers(), "")
             .replace("operation_timeout = \"10s\"", "operation_timeout = \"1s\""),
     );
     migrate(&s).await;
     let mut relay = TestRelay::start(s).await;
-    let (code, _) = until(&relay, "/health", DEADLINE, |c, _| c == 200).await;
+    let (code, _) = relay.until("/health", DEADLINE, |c, _| c == 200).await;
     assert_eq!(code, 200);
     let state = relay.running().state(&src.name).unwrap().clone();
     state.stall.store(true, Ordering::Relaxed);
-    let (_, body) = until(&relay, "/health", DEADLINE, |c, _| c == 503).await;
+    let (_, body) = relay.until("/health", DEADLINE, |c, _| c == 503).await;
     assert!(body.contains("stuck"), "{body}");
     state.stall.store(false, Ordering::Relaxed);
-    until(&relay, "/health", DEADLINE, |c, _| c == 200).await;
+    relay.until("/health", DEADLINE, |c, _| c == 200).await;
     relay.stop().await;
 }

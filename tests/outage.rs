@@ -9,28 +9,13 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::relay::{
-    audit, dead_letter_rows, insert_events, migrate, outbox_rows, settings, toml,
+    audit, dead_letter_rows, insert_events, migrate, mock, outbox_rows, scrape, settings, toml,
     wait_outbox_empty, TestRelay, TestSource,
 };
 use common::{consume_async, PgServer};
-use rdkafka::mocking::MockCluster;
-use rdkafka::producer::DefaultProducerContext;
 
 const DEADLINE: Duration = Duration::from_secs(60);
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-fn mock(topics: &[&str], partitions: i32) -> MockCluster<'static, DefaultProducerContext> {
-    let m = MockCluster::new(1).expect("mock cluster");
-    for t in topics {
-        m.create_topic(t, partitions, 1).expect("create topic");
-    }
-    m
-}
-
-fn scrape(text: &str) -> prometheus_parse::Scrape {
-    prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string())))
-        .unwrap_or_else(|e| panic!("not Prometheus text format: {e}\n{text}"))
-}
 
 fn gauge(s: &prometheus_parse::Scrape, name: &str, source: &str) -> f64 {
     s.samples
@@ -41,27 +26,6 @@ fn gauge(s: &prometheus_parse::Scrape, name: &str, source: &str) -> f64 {
             _ => f64::NAN,
         })
         .unwrap_or(f64::NAN)
-}
-
-/// Polls `path` until `ok(status, body)` holds; returns the last answer.
-async fn until(
-    relay: &TestRelay,
-    path: &str,
-    deadline: Duration,
-    ok: impl Fn(u16, &str) -> bool,
-) -> (u16, String) {
-    let end = Instant::now() + deadline;
-    loop {
-        let (code, body) = relay.get(path).await;
-        if ok(code, &body) {
-            return (code, body);
-        }
-        assert!(
-            Instant::now() < end,
-            "{path} never satisfied the condition; last: {code} {body}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -148,16 +112,17 @@ async fn held_back_events_grow_the_lag_gauge_and_degrade_the_lag_check() {
             &src.name,
         )
     };
-    let (_, t1) = until(&relay, "/metrics", DEADLINE, |_, b| age(b) > 0.5).await;
-    let (_, t2) = until(&relay, "/metrics", DEADLINE, |_, b| age(b) > age(&t1) + 1.0).await;
+    let (_, t1) = relay.until("/metrics", DEADLINE, |_, b| age(b) > 0.5).await;
+    let (_, t2) = relay
+        .until("/metrics", DEADLINE, |_, b| age(b) > age(&t1) + 1.0)
+        .await;
     assert!(
         age(&t2) > age(&t1),
         "the oldest-pending age grows while events are held"
     );
-    let (code, body) = until(&relay, "/health/deep", DEADLINE, |_, b| {
-        b.contains("\"degraded\"")
-    })
-    .await;
+    let (code, body) = relay
+        .until("/health/deep", DEADLINE, |_, b| b.contains("\"degraded\""))
+        .await;
     assert_eq!(code, 503);
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     let lag = v["checks"]
@@ -171,6 +136,6 @@ async fn held_back_events_grow_the_lag_gauge_and_degrade_the_lag_check() {
     assert_eq!(lag["details"]["events_pending"], 10);
     kafka.broker_up(1).unwrap();
     wait_outbox_empty(&src.url, &src.schema, DEADLINE).await;
-    until(&relay, "/health/deep", DEADLINE, |c, _| c == 200).await;
+    relay.until("/health/deep", DEADLINE, |c, _| c == 200).await;
     relay.stop().await;
 }

@@ -6,21 +6,11 @@ mod common;
 use std::time::Duration;
 
 use common::relay::{
-    audit, header, insert_events, migrate, outbox_rows, settings, toml, TestRelay, TestSource,
+    audit, header, insert_events, migrate, mock, outbox_rows, settings, toml, TestRelay, TestSource,
 };
 use common::{consume_async, PgServer};
-use rdkafka::mocking::MockCluster;
-use rdkafka::producer::DefaultProducerContext;
 
 const DEADLINE: Duration = Duration::from_secs(60);
-
-fn mock(topics: &[&str], partitions: i32) -> MockCluster<'static, DefaultProducerContext> {
-    let m = MockCluster::new(1).expect("mock cluster");
-    for t in topics {
-        m.create_topic(t, partitions, 1).expect("create topic");
-    }
-    m
-}
 
 async fn wait_empty(pg: &PgServer, db: &str, schema: &str) {
     common::relay::wait_outbox_empty(&pg.url(db), schema, DEADLINE).await;

@@ -247,3 +247,58 @@ pub async fn wait_outbox_empty(url: &str, schema: &str, deadline: Duration) {
     }
     panic!("{schema}.outbox still holds {left} rows after {deadline:?}");
 }
+
+/// A librdkafka mock cluster of one broker with `topics` created.
+pub fn mock(
+    topics: &[&str],
+    partitions: i32,
+) -> rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext> {
+    let m = rdkafka::mocking::MockCluster::new(1).expect("mock cluster");
+    for t in topics {
+        m.create_topic(t, partitions, 1).expect("create topic");
+    }
+    m
+}
+
+/// Parses Prometheus text format, failing the test if it is not.
+pub fn scrape(text: &str) -> prometheus_parse::Scrape {
+    prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string())))
+        .unwrap_or_else(|e| panic!("not Prometheus text format: {e}\n{text}"))
+}
+
+/// The value of the first sample of `name` with `labels`.
+pub fn value(s: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    s.samples
+        .iter()
+        .find(|x| x.metric == name && labels.iter().all(|(k, v)| x.labels.get(k) == Some(*v)))
+        .map(|x| match x.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            prometheus_parse::Value::Histogram(ref h) => h.last().map(|b| b.count).unwrap_or(0.0),
+            prometheus_parse::Value::Summary(_) => f64::NAN,
+        })
+}
+
+impl TestRelay {
+    /// Polls `path` until `ok(status, body)` holds; returns that answer.
+    pub async fn until(
+        &self,
+        path: &str,
+        deadline: Duration,
+        ok: impl Fn(u16, &str) -> bool,
+    ) -> (u16, String) {
+        let end = tokio::time::Instant::now() + deadline;
+        loop {
+            let (code, body) = self.get(path).await;
+            if ok(code, &body) {
+                return (code, body);
+            }
+            assert!(
+                tokio::time::Instant::now() < end,
+                "{path} never satisfied the condition; last: {code} {body}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
