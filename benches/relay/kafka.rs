@@ -102,6 +102,7 @@ impl LatencyBook {
 /// of every `bench_seq`-stamped record.
 pub struct CountingConsumer {
     count: Arc<AtomicU64>,
+    first: Arc<Mutex<Option<Instant>>>,
     reached: Arc<Mutex<Option<Instant>>>,
     stop: Arc<AtomicBool>,
     handle: Option<JoinHandle<()>>,
@@ -109,8 +110,9 @@ pub struct CountingConsumer {
 
 /// Consumer settings: no group, nothing committed. tansu answers a fetch for an empty
 /// partition only after `fetch.wait.max.ms`, even when records arrive meanwhile, so
-/// that wait is a floor on the latency the consumer sees: latency runs use 1 ms, drains
-/// 10 ms (BENCH_FETCH_WAIT_MS overrides both).
+/// that wait adds to the latency the consumer sees, while shorter waits cost tansu CPU
+/// the relay then lacks: latency runs use 5 ms, drains 10 ms (BENCH_FETCH_WAIT_MS
+/// overrides both).
 fn consumer_config(bootstrap: &str, fetch_wait_ms: u32) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", bootstrap)
@@ -137,7 +139,7 @@ impl CountingConsumer {
         target: u64,
         book: Option<Arc<LatencyBook>>,
     ) -> CountingConsumer {
-        let fetch_wait_ms = if book.is_some() { 1 } else { 10 };
+        let fetch_wait_ms = if book.is_some() { 5 } else { 10 };
         let consumer: BaseConsumer = consumer_config(bootstrap, fetch_wait_ms)
             .create()
             .expect("create consumer");
@@ -148,12 +150,18 @@ impl CountingConsumer {
         }
         consumer.assign(&tpl).expect("assign partitions");
         let count = Arc::new(AtomicU64::new(0));
+        let first = Arc::new(Mutex::new(None));
         let reached = Arc::new(Mutex::new(None));
         let stop = Arc::new(AtomicBool::new(false));
         let ready = Arc::new(AtomicBool::new(false));
         let handle = {
-            let (count, reached, stop, ready) =
-                (count.clone(), reached.clone(), stop.clone(), ready.clone());
+            let (count, first, reached, stop, ready) = (
+                count.clone(),
+                first.clone(),
+                reached.clone(),
+                stop.clone(),
+                ready.clone(),
+            );
             let topic = topic.to_string();
             std::thread::spawn(move || {
                 while !stop.load(Ordering::Relaxed) {
@@ -172,6 +180,9 @@ impl CountingConsumer {
                                 }
                             }
                             let n = count.fetch_add(1, Ordering::Relaxed) + 1;
+                            if n == 1 {
+                                *first.lock().unwrap_or_else(|e| e.into_inner()) = Some(now);
+                            }
                             if n == target {
                                 *reached.lock().unwrap_or_else(|e| e.into_inner()) = Some(now);
                             }
@@ -192,10 +203,16 @@ impl CountingConsumer {
         }
         CountingConsumer {
             count,
+            first,
             reached,
             stop,
             handle: Some(handle),
         }
+    }
+
+    /// When the first record arrived.
+    pub fn first_at(&self) -> Option<Instant> {
+        *self.first.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     pub fn count(&self) -> u64 {

@@ -18,17 +18,16 @@ mod kafka;
 mod relay_process;
 mod report;
 mod workload;
+// `runs` uses the `progress!` macro, so it is declared after it.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{create_topic, free_port, Broker, PgServer};
-use kafka::{produce_all, relay_producer, CountingConsumer, LatencyBook};
-use relay_process::{config_toml, histogram, migrate, shipped_int, Overrides, RelayProcess};
-use report::{machine, thousands, DrainRow, LatencyRow, Report};
+use relay_process::{config_toml, migrate, shipped_int, Overrides};
+use report::{machine, thousands, DrainRow, Report};
 use tokio_postgres::Client;
-use workload::{BrokerRecord, AGGREGATES};
+use workload::AGGREGATES;
 
 /// Options, from BENCH_* environment variables.
 #[derive(Debug, Clone)]
@@ -37,8 +36,12 @@ struct Opts {
     events: u64,
     /// Backlog size of the memory run; none: no memory run (BENCH_BIG).
     big: Option<u64>,
-    /// Partitions of every topic (BENCH_PARTITIONS).
+    /// Partitions of the drain runs' topics (BENCH_PARTITIONS).
     partitions: i32,
+    /// Partitions of the latency runs' topics (BENCH_LATENCY_PARTITIONS): tansu's cost
+    /// per request grows with partitions and stored batches, and at 6 partitions and a
+    /// few hundred small produce requests a second it takes most of a core.
+    latency_partitions: i32,
     /// Claim and delete batch of the throughput runs (BENCH_BATCH).
     batch: i64,
     /// Steady rates of the latency runs (BENCH_RATES, comma-separated).
@@ -88,6 +91,7 @@ impl Opts {
                 .filter(|v| !v.trim().is_empty())
                 .map(|_| env_num("BENCH_BIG", 1_000_000u64)),
             partitions: env_num("BENCH_PARTITIONS", 6),
+            latency_partitions: env_num("BENCH_LATENCY_PARTITIONS", 1),
             batch: env_num("BENCH_BATCH", 1000),
             rates,
             latency_secs: env_num("BENCH_LATENCY_SECS", if quick { 3.0 } else { 10.0 }),
@@ -117,6 +121,8 @@ macro_rules! progress {
     };
 }
 
+mod runs;
+
 /// What every section shares.
 struct Bench {
     opts: Opts,
@@ -141,11 +147,19 @@ struct Lane {
     config: PathBuf,
     config_text: String,
     http_port: u16,
+    partitions: i32,
 }
 
 impl Bench {
-    /// A fresh schema (migrated by `outbox-relay migrate`) and topic for one contender.
-    async fn lane(&mut self, name: &str, o: &Overrides) -> Lane {
+    /// A fresh schema (migrated by `outbox-relay migrate`) and topic for one contender,
+    /// on a freshly started, empty broker: tansu's memory storage slows down as the
+    /// records of earlier contenders pile up, so every contender starts from the same
+    /// empty broker.
+    async fn lane(&mut self, name: &str, o: &Overrides, partitions: i32) -> Lane {
+        if self.runs > 0 {
+            self.broker.restart();
+            self.procs.tansu = cpu::tansu_pid(self.broker.port);
+        }
         self.runs += 1;
         let schema = format!("b{}_{name}", self.runs);
         let topic = format!("{schema}.events");
@@ -162,7 +176,7 @@ impl Bench {
         let config = self.dir.path().join(format!("{schema}.toml"));
         std::fs::write(&config, &config_text).expect("write config");
         let log = self.dir.path().join(format!("{schema}.migrate.log"));
-        let (bootstrap, partitions) = (self.broker.bootstrap(), self.opts.partitions);
+        let bootstrap = self.broker.bootstrap();
         let t = topic.clone();
         let c = config.clone();
         tokio::task::spawn_blocking(move || {
@@ -177,6 +191,7 @@ impl Bench {
             config,
             config_text,
             http_port,
+            partitions,
         }
     }
 
@@ -364,17 +379,31 @@ async fn run(opts: Opts, t0: Instant) -> Report {
     };
     b.ensure_template(b.opts.events.max(10_000)).await;
     let (payload, headers, aggregates) = workload::template_shape(&b.admin).await;
+    let tansu = b
+        .procs
+        .tansu
+        .and_then(|pid| std::fs::read_link(format!("/proc/{pid}/exe")).ok())
+        .and_then(|exe| {
+            std::process::Command::new(exe)
+                .arg("--version")
+                .output()
+                .ok()
+        })
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| "tansu".into());
     let shipped = (shipped_int("batch_size"), shipped_int("delete_batch_size"));
     b.report.header = vec![
         format!(
-            "outbox-relay benchmark: backlog {} events (payload avg {payload:.0} B JSON, {aggregates} aggregates of {AGGREGATES}, avg {headers:.1} row headers + 4 relay headers), topics of {} partitions",
+            "outbox-relay benchmark: backlog {} events (payload avg {payload:.0} B JSON, {aggregates} aggregates of {AGGREGATES}, avg {headers:.1} row headers + 4 relay headers), topics of {} partitions ({} for latency runs)",
             thousands(b.opts.events),
-            b.opts.partitions
+            b.opts.partitions,
+            b.opts.latency_partitions
         ),
         format!("machine: {}", machine()),
         format!("PostgreSQL {settings}, data dir {data_fs}; the same server for every contender"),
         format!(
-            "broker: tansu (memory storage), 127.0.0.1; producer: the relay's own (sink::Sink with config/default.toml [kafka.properties]); shipped batch_size/delete_batch_size {}/{}",
+            "broker: {tansu} (memory storage), 127.0.0.1, restarted empty for every contender; producer: the relay's own (sink::Sink with config/default.toml [kafka.properties]); shipped batch_size/delete_batch_size {}/{}",
             shipped.0.map(|v| v.to_string()).unwrap_or("?".into()),
             shipped.1.map(|v| v.to_string()).unwrap_or("?".into())
         ),
@@ -411,11 +440,11 @@ async fn run(opts: Opts, t0: Instant) -> Report {
     }
 
     if b.opts.runs("broker") {
-        broker_limit(&mut b, n).await;
+        runs::broker_limit(&mut b, n).await;
     }
     if b.opts.runs("sql") {
         for (label, key, bs, ds) in &settings_list {
-            sql_limit(
+            runs::sql_limit(
                 &mut b,
                 n,
                 label,
@@ -434,7 +463,7 @@ async fn run(opts: Opts, t0: Instant) -> Report {
                 delete_batch_size: Some(*ds),
                 process_interval: None,
             };
-            let row = relay_drain(
+            let row = runs::relay_drain(
                 &mut b,
                 n,
                 &format!("relay, {label}"),
@@ -452,12 +481,12 @@ async fn run(opts: Opts, t0: Instant) -> Report {
         }
     }
     if b.opts.runs("naive") {
-        naive(&mut b, n).await;
+        runs::naive(&mut b, n).await;
     }
     if b.opts.runs("latency") {
         for rate in b.opts.rates.clone() {
-            latency(&mut b, rate, true).await;
-            latency(&mut b, rate, false).await;
+            runs::latency(&mut b, rate, true).await;
+            runs::latency(&mut b, rate, false).await;
         }
     }
     if b.opts.runs("big") {
@@ -469,7 +498,7 @@ async fn run(opts: Opts, t0: Instant) -> Report {
             process_interval: None,
         };
         let cap = Duration::from_secs_f64(b.opts.drain_secs.max(big as f64 / 2_000.0));
-        let row = relay_drain(
+        let row = runs::relay_drain(
             &mut b,
             big,
             &format!("relay, batch {batch} / delete {batch}"),
@@ -506,453 +535,4 @@ async fn run(opts: Opts, t0: Instant) -> Report {
     .await
     .expect("stop servers");
     report
-}
-
-/// The broker alone: the same records, produced with the relay's producer settings.
-/// One record per partition goes first, unmeasured, so connections and metadata are
-/// in place: this is the broker's best case.
-async fn broker_limit(b: &mut Bench, n: u64) {
-    let lane = b.lane("broker", &Overrides::default()).await;
-    let records = workload::template_records(&b.admin, n).await;
-    let producer = relay_producer(&lane.config_text);
-    let warm = (b.opts.partitions as usize).min(records.len());
-    produce_all(&producer, &lane.topic, &records[..warm]).await;
-    let consumer = CountingConsumer::start(
-        &b.broker.bootstrap(),
-        &lane.topic,
-        b.opts.partitions,
-        n + warm as u64,
-        None,
-    );
-    progress!(b.t0, "broker limit: producing {} records", thousands(n));
-    let c0 = cpu::sample(&b.procs, None);
-    let started = Instant::now();
-    let acked = produce_all(&producer, &lane.topic, &records).await;
-    let reached = consumer.wait_target(Duration::from_secs(120)).await;
-    let consumed = reached.map(|at| at - started).unwrap_or(started.elapsed());
-    let c1 = cpu::sample(&b.procs, None);
-    b.report.breakdown.push(format!(
-        "broker alone, {} records: acks after {:.2} s, all at the consumer after {:.2} s",
-        thousands(n),
-        acked.as_secs_f64(),
-        consumed.as_secs_f64()
-    ));
-    let line = b.cpu_split(&c0, &c1);
-    b.report.breakdown.push(line);
-    b.report.drains.push(DrainRow {
-        key: "broker-acks".into(),
-        label: "limit: broker alone, produce + acks".into(),
-        events: n,
-        elapsed: acked,
-        complete: true,
-        limit_key: None,
-        proc: None,
-    });
-    b.report.drains.push(DrainRow {
-        key: "broker".into(),
-        label: "limit: broker alone, at the consumer".into(),
-        events: consumer.count().saturating_sub(warm as u64).min(n),
-        elapsed: consumed,
-        complete: reached.is_some(),
-        limit_key: None,
-        proc: None,
-    });
-    b.drop_lane(&lane).await;
-}
-
-/// The SQL-only limit at one batch size.
-async fn sql_limit(
-    b: &mut Bench,
-    n: u64,
-    label: &str,
-    key: &str,
-    batch: i64,
-    delete: usize,
-    cap: Duration,
-) {
-    let lane = b.lane(&format!("sql{batch}"), &Overrides::default()).await;
-    progress!(
-        b.t0,
-        "SQL-only limit, {label}: loading {} events",
-        thousands(n)
-    );
-    workload::load_backlog(&b.admin, &lane.schema, n).await;
-    let client = workload::connect(&b.db_url).await;
-    b.reset_statements().await;
-    progress!(b.t0, "SQL-only limit, {label}: draining");
-    let c0 = cpu::sample(&b.procs, None);
-    let (drained, elapsed) =
-        workload::drain_sql_only(&client, &lane.schema, batch, delete, cap).await;
-    let c1 = cpu::sample(&b.procs, None);
-    let lines = b
-        .top_statements(&format!("SQL-only limit, {label}"), elapsed)
-        .await;
-    b.report.breakdown.extend(lines);
-    let line = b.cpu_split(&c0, &c1);
-    b.report.breakdown.push(line);
-    b.report.drains.push(DrainRow {
-        key: key.into(),
-        label: format!("limit: SQL only, {label}"),
-        events: drained,
-        elapsed,
-        complete: drained >= n,
-        limit_key: None,
-        proc: None,
-    });
-    drop(client);
-    b.drop_lane(&lane).await;
-}
-
-/// `perf record -a -g` while it lives; `report` summarises what it saw.
-struct Perf {
-    child: std::process::Child,
-    data: PathBuf,
-}
-
-impl Perf {
-    fn start(dir: &std::path::Path) -> Option<Perf> {
-        let data = dir.join("perf.data");
-        let child = std::process::Command::new("perf")
-            .args(["record", "-a", "-g", "-F", "499", "-o"])
-            .arg(&data)
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .map_err(|e| eprintln!("bench: perf unavailable: {e}"))
-            .ok()?;
-        std::thread::sleep(Duration::from_millis(300)); // perf needs a moment to attach
-        Some(Perf { child, data })
-    }
-
-    /// Stops recording; returns the busiest threads and the relay's hottest symbols.
-    fn report(mut self, relay_pid: u32) -> Vec<String> {
-        let _ = std::process::Command::new("kill")
-            .args(["-INT", &self.child.id().to_string()])
-            .status();
-        let end = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < end && !matches!(self.child.try_wait(), Ok(Some(_))) {
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let run = |args: &[&str]| -> Vec<String> {
-            std::process::Command::new("perf")
-                .arg("report")
-                .arg("-i")
-                .arg(&self.data)
-                .args([
-                    "--stdio",
-                    "--no-children",
-                    "--percentage",
-                    "relative",
-                    "-q",
-                    "-g",
-                    "none",
-                    "--percent-limit",
-                    "1.5",
-                ])
-                .args(args)
-                .stderr(std::process::Stdio::null())
-                .output()
-                .map(|o| {
-                    String::from_utf8_lossy(&o.stdout)
-                        .lines()
-                        .filter(|l| !l.trim().is_empty())
-                        .take(14)
-                        .map(|l| format!("      {}", l.trim_end_matches([' ', '-'])))
-                        .collect()
-                })
-                .unwrap_or_default()
-        };
-        let mut lines = vec!["    perf, all CPUs, by thread name and binary:".to_string()];
-        lines.extend(run(&["--sort", "comm,dso"]));
-        lines.push("    perf, the relay process only, by symbol:".into());
-        lines.extend(run(&[
-            "--pid",
-            &relay_pid.to_string(),
-            "--sort",
-            "dso,symbol",
-        ]));
-        lines
-    }
-}
-
-/// The relay binary emptying a backlog of `n`, measured at the consumer.
-async fn relay_drain(
-    b: &mut Bench,
-    n: u64,
-    label: &str,
-    o: &Overrides,
-    cap: Duration,
-    key: &str,
-) -> DrainRow {
-    let lane = b
-        .lane(&format!("relay{}", o.batch_size.unwrap_or(0)), o)
-        .await;
-    progress!(b.t0, "{label}: loading {} events", thousands(n));
-    workload::load_backlog(&b.admin, &lane.schema, n).await;
-    let consumer = CountingConsumer::start(
-        &b.broker.bootstrap(),
-        &lane.topic,
-        b.opts.partitions,
-        n,
-        None,
-    );
-    b.reset_statements().await;
-    let perf = if b.opts.perf && o.batch_size == Some(b.opts.batch) {
-        Perf::start(b.dir.path())
-    } else {
-        None
-    };
-    progress!(b.t0, "{label}: draining");
-    let log = b.dir.path().join(format!("{}.relay.log", lane.schema));
-    let c0 = cpu::sample(&b.procs, None);
-    let mut relay = RelayProcess::start(&lane.config, &log, lane.http_port);
-    let end = relay.started + cap;
-    let reached = loop {
-        relay.assert_running();
-        if let Some(at) = consumer.wait_target(Duration::from_millis(100)).await {
-            break Some(at);
-        }
-        if Instant::now() >= end {
-            break None;
-        }
-    };
-    let elapsed = reached.unwrap_or_else(Instant::now) - relay.started;
-    let events = consumer.count().min(n);
-    let stats = relay.stats();
-    let c1 = cpu::sample(&b.procs, Some(relay.pid()));
-    let metrics = relay.metrics();
-    let mut left = -1;
-    if reached.is_some() {
-        // Deleting the last batch follows its acknowledgement; wait for it.
-        let until = Instant::now() + Duration::from_secs(30);
-        loop {
-            left = workload::pending(&b.admin, &lane.schema).await;
-            if left == 0 || Instant::now() >= until {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-    let emptied = relay.started.elapsed();
-    let relay_pid = relay.pid();
-    let perf_lines = match perf {
-        Some(p) => tokio::task::spawn_blocking(move || p.report(relay_pid))
-            .await
-            .expect("perf report"),
-        None => Vec::new(),
-    };
-    tokio::task::spawn_blocking(move || relay.stop())
-        .await
-        .expect("stop relay");
-    let mut lines = b
-        .top_statements(&format!("{label} (N = {})", thousands(n)), elapsed)
-        .await;
-    if let (Some((bs, bc)), Some((ps, pc))) = (
-        histogram(&metrics, "outbox_batch_duration_seconds"),
-        histogram(&metrics, "outbox_publish_duration_seconds"),
-    ) {
-        lines.push(format!(
-            "    relay /metrics: {} batches, mean batch {:.2} ms, mean publish+acks {:.2} ms; outbox empty {:.2} s after start{}",
-            thousands(bc as u64),
-            1e3 * bs / bc.max(1.0),
-            1e3 * ps / pc.max(1.0),
-            emptied.as_secs_f64(),
-            if left > 0 { format!(" ({left} rows still there)") } else { String::new() }
-        ));
-    }
-    lines.push(b.cpu_split(&c0, &c1));
-    lines.extend(perf_lines);
-    b.report.breakdown.extend(lines);
-    drop(consumer);
-    b.drop_lane(&lane).await;
-    DrainRow {
-        key: key.into(),
-        label: label.into(),
-        events,
-        elapsed,
-        complete: reached.is_some(),
-        limit_key: None,
-        proc: Some(stats),
-    }
-}
-
-/// The naive row-at-a-time relay on the same backlog, capped.
-async fn naive(b: &mut Bench, n: u64) {
-    let lane = b.lane("naive", &Overrides::default()).await;
-    progress!(b.t0, "naive relay: loading {} events", thousands(n));
-    workload::load_backlog(&b.admin, &lane.schema, n).await;
-    let producer = relay_producer(&lane.config_text);
-    let mut client = workload::connect(&b.db_url).await;
-    let consumer = CountingConsumer::start(
-        &b.broker.bootstrap(),
-        &lane.topic,
-        b.opts.partitions,
-        n,
-        None,
-    );
-    progress!(
-        b.t0,
-        "naive relay: running for up to {} s",
-        b.opts.naive_secs
-    );
-    let source = lane.schema.replace('_', "-");
-    b.reset_statements().await;
-    let c0 = cpu::sample(&b.procs, None);
-    let (done, elapsed) = workload::naive_relay(
-        &mut client,
-        &producer,
-        &lane.schema,
-        &source,
-        &lane.topic,
-        Duration::from_secs_f64(b.opts.naive_secs),
-    )
-    .await;
-    let c1 = cpu::sample(&b.procs, None);
-    let seen = consumer.wait_count(done, Duration::from_secs(30)).await;
-    assert!(
-        seen >= done,
-        "naive relay: the consumer saw {seen} of {done} events"
-    );
-    let lines = b.top_statements("naive relay", elapsed).await;
-    b.report.breakdown.extend(lines);
-    let line = b.cpu_split(&c0, &c1);
-    b.report.breakdown.push(line);
-    b.report.drains.push(DrainRow {
-        key: "naive".into(),
-        label: "naive relay (row at a time, FOR UPDATE SKIP LOCKED)".into(),
-        events: done,
-        elapsed,
-        complete: done >= n,
-        limit_key: None,
-        proc: None,
-    });
-    drop(consumer);
-    drop(client);
-    b.drop_lane(&lane).await;
-}
-
-/// How long the consumer is given after a latency run's writer stops.
-const LATENCY_GRACE: Duration = Duration::from_secs(30);
-
-/// Commit-to-consumer latency at a steady `rate`: through the relay (defaults plus
-/// process_interval 5s, so wake-up comes from NOTIFY) or the broker alone.
-async fn latency(b: &mut Bench, rate: u64, through_relay: bool) {
-    let o = Overrides {
-        process_interval: Some("5s"),
-        ..Overrides::default()
-    };
-    let lane = b
-        .lane(if through_relay { "lat" } else { "latbroker" }, &o)
-        .await;
-    let templates: Vec<BrokerRecord> = workload::template_records(&b.admin, 10_000).await;
-    let warm = rate;
-    let measured = (rate as f64 * b.opts.latency_secs) as u64;
-    let total = warm + measured;
-    let book = Arc::new(LatencyBook::new(total));
-    let consumer = CountingConsumer::start(
-        &b.broker.bootstrap(),
-        &lane.topic,
-        b.opts.partitions,
-        total,
-        Some(book.clone()),
-    );
-    let what = if through_relay {
-        "relay"
-    } else {
-        "broker alone"
-    };
-    let label = if through_relay {
-        format!(
-            "relay @ {}/s (default.toml {}/{}, NOTIFY)",
-            thousands(rate),
-            shipped_int("batch_size").map_or("?".into(), |v| v.to_string()),
-            shipped_int("delete_batch_size").map_or("?".into(), |v| v.to_string())
-        )
-    } else {
-        format!(
-            "broker alone @ {}/s (producer -> consumer)",
-            thousands(rate)
-        )
-    };
-    progress!(
-        b.t0,
-        "latency, {what} at {}/s: 1 s warm-up, then {} s",
-        thousands(rate),
-        b.opts.latency_secs
-    );
-    let mut relay = None;
-    let client = workload::connect(&b.db_url).await;
-    let producer = relay_producer(&lane.config_text);
-    if through_relay {
-        let log = b.dir.path().join(format!("{}.relay.log", lane.schema));
-        relay = Some(RelayProcess::start(&lane.config, &log, lane.http_port));
-    }
-    let write = |seqs: std::ops::Range<u64>| {
-        let (client, producer, lane, templates, book) =
-            (&client, &producer, &lane, &templates, &book);
-        async move {
-            if through_relay {
-                workload::write_outbox_at_rate(
-                    client,
-                    &lane.schema,
-                    templates,
-                    rate as f64,
-                    seqs,
-                    book,
-                )
-                .await
-            } else {
-                workload::produce_at_rate(producer, &lane.topic, templates, rate as f64, seqs, book)
-                    .await
-            }
-        }
-    };
-    write(0..warm).await;
-    let got = consumer.wait_count(warm, Duration::from_secs(60)).await;
-    if let Some(r) = relay.as_mut() {
-        r.assert_running();
-    }
-    assert!(
-        got >= warm,
-        "latency warm-up: {got} of {warm} events arrived within 60 s"
-    );
-    let relay_pid = relay.as_ref().map(RelayProcess::pid);
-    let c0 = cpu::sample(&b.procs, relay_pid);
-    let stats = write(warm..total).await;
-    let got = consumer.wait_count(total, LATENCY_GRACE).await;
-    let c1 = cpu::sample(&b.procs, relay_pid);
-    let proc = relay.as_ref().map(|r| relay_process::ProcStats {
-        peak_rss_kib: r.stats().peak_rss_kib,
-        cpu: Duration::from_secs_f64(c1.relay_since(&c0)),
-    });
-    if let Some(r) = relay {
-        tokio::task::spawn_blocking(move || r.stop())
-            .await
-            .expect("stop relay");
-    }
-    let (latencies, missing) = book.latencies_ms(warm..total);
-    if got < total {
-        eprintln!("latency, {what} at {rate}/s: only {got} of {total} events arrived");
-    }
-    b.report.breakdown.push(format!("latency, {label}:"));
-    let line = b.cpu_split(&c0, &c1);
-    b.report.breakdown.push(line);
-    b.report.latencies.push(LatencyRow {
-        label,
-        target_rate: rate as f64,
-        achieved_rate: stats.rate(),
-        per_tx: stats.events as f64 / stats.transactions.max(1) as f64,
-        mean_commit: stats.mean_commit,
-        latencies,
-        missing,
-        waited: LATENCY_GRACE,
-        duplicates: book.duplicates(),
-        proc,
-    });
-    drop(consumer);
-    drop(client);
-    b.drop_lane(&lane).await;
 }

@@ -145,7 +145,7 @@ impl Report {
             let _ = writeln!(o);
             let _ = writeln!(
                 o,
-                "{:<46} {:>10} {:>9} {:>8} {:>9} {:>10} {:>11}",
+                "{:<54} {:>10} {:>9} {:>8} {:>9} {:>10} {:>11}",
                 "DRAIN", "events/s", "elapsed", "/ limit", "/ naive", "peak RSS", "CPU/100k"
             );
             for r in &self.drains {
@@ -169,7 +169,7 @@ impl Report {
                 }
                 let _ = writeln!(
                     o,
-                    "{:<46} {:>10} {:>8.1}s {:>8} {:>9} {:>10} {:>11}",
+                    "{:<54} {:>10} {:>8.1}s {:>8} {:>9} {:>10} {:>11}",
                     label,
                     thousands(r.rate().round() as u64),
                     r.elapsed.as_secs_f64(),
@@ -195,7 +195,7 @@ impl Report {
             let _ = writeln!(o);
             let _ = writeln!(
                 o,
-                "{:<40} {:>9} {:>6} {:>7} {:>7} {:>7} {:>7} {:>8} {:>10} {:>9}",
+                "{:<46} {:>9} {:>6} {:>7} {:>7} {:>7} {:>7} {:>8} {:>10} {:>9}",
                 "LATENCY commit -> consumer (ms)",
                 "events/s",
                 "per tx",
@@ -215,7 +215,7 @@ impl Report {
                 };
                 let _ = writeln!(
                     o,
-                    "{:<40} {:>9} {:>6.1} {:>7} {:>7} {:>7} {:>7} {:>8} {:>10} {:>9}",
+                    "{:<46} {:>9} {:>6.1} {:>7} {:>7} {:>7} {:>7} {:>8} {:>10} {:>9}",
                     l.label,
                     thousands(l.achieved_rate.round() as u64),
                     l.per_tx,
