@@ -530,7 +530,14 @@ async fn run(opts: Opts, t0: Instant) -> Report {
     tokio::task::spawn_blocking(move || {
         drop(broker);
         drop(pg);
-        drop(dir);
+        if std::env::var("BENCH_KEEP").is_ok_and(|v| !v.is_empty() && v != "0") {
+            eprintln!(
+                "benches/relay: kept configs and relay logs in {}",
+                dir.keep().display()
+            );
+        } else {
+            drop(dir);
+        }
     })
     .await
     .expect("stop servers");

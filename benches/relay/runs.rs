@@ -286,11 +286,17 @@ pub async fn relay_drain(
         histogram(&metrics, "outbox_publish_duration_seconds"),
     ) {
         lines.push(format!(
-            "    relay /metrics: {} batches, mean batch {:.2} ms, mean publish+acks {:.2} ms; first record at the consumer {} ms, outbox empty {:.2} s after start{}",
+            "    relay /metrics: {} batches, mean batch {:.2} ms, mean publish+acks {:.2} ms; first record at the consumer {} ms after the start, then {} events/s to the last; outbox empty {:.2} s after start{}",
             thousands(bc as u64),
             1e3 * bs / bc.max(1.0),
             1e3 * ps / pc.max(1.0),
             first_record.map_or("-".into(), |d| d.as_millis().to_string()),
+            match (first_record, reached.is_some()) {
+                (Some(f), true) if elapsed > f => thousands(
+                    ((events.saturating_sub(1)) as f64 / (elapsed - f).as_secs_f64()).round() as u64
+                ),
+                _ => "-".into(),
+            },
             emptied.as_secs_f64(),
             if left > 0 { format!(" ({left} rows still there)") } else { String::new() }
         ));
