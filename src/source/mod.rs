@@ -790,12 +790,15 @@ impl Source {
 struct WakeUp {
     rx: tokio::sync::Mutex<UnboundedReceiver<Notice>>,
     lost: Mutex<Option<String>>,
+    /// A notification taken off the channel by `lost()`, still to be acted on.
+    woken: AtomicBool,
 }
 
 fn notices_filter(rx: UnboundedReceiver<Notice>) -> WakeUp {
     WakeUp {
         rx: tokio::sync::Mutex::new(rx),
         lost: Mutex::new(None),
+        woken: AtomicBool::new(false),
     }
 }
 
@@ -809,7 +812,8 @@ impl WakeUp {
                         self.set_lost(why);
                         break;
                     }
-                    Ok(Notice::Notify(_)) => {}
+                    // Not dropped: the next wait must return at once for it.
+                    Ok(Notice::Notify(_)) => self.woken.store(true, Ordering::Relaxed),
                     Err(tokio::sync::mpsc::error::TryRecvError::Empty) => break,
                     Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => {
                         self.set_lost("connection closed".into());
@@ -829,6 +833,9 @@ impl WakeUp {
 
     /// Waits until a row for `schema` is committed, the connection dies, or `max` passes.
     async fn wait(&self, schema: &str, max: Duration) {
+        if self.woken.swap(false, Ordering::Relaxed) {
+            return;
+        }
         let mut rx = self.rx.lock().await;
         let deadline = tokio::time::Instant::now() + max;
         loop {
