@@ -102,6 +102,8 @@ impl LatencyBook {
 /// of every `bench_seq`-stamped record.
 pub struct CountingConsumer {
     count: Arc<AtomicU64>,
+    /// Records read before the measured ones (a sentinel): `first` is the next one's time.
+    base: Arc<AtomicU64>,
     first: Arc<Mutex<Option<Instant>>>,
     reached: Arc<Mutex<Option<Instant>>>,
     stop: Arc<AtomicBool>,
@@ -150,13 +152,15 @@ impl CountingConsumer {
         }
         consumer.assign(&tpl).expect("assign partitions");
         let count = Arc::new(AtomicU64::new(0));
+        let base = Arc::new(AtomicU64::new(0));
         let first = Arc::new(Mutex::new(None));
         let reached = Arc::new(Mutex::new(None));
         let stop = Arc::new(AtomicBool::new(false));
         let ready = Arc::new(AtomicBool::new(false));
         let handle = {
-            let (count, first, reached, stop, ready) = (
+            let (count, base, first, reached, stop, ready) = (
                 count.clone(),
+                base.clone(),
                 first.clone(),
                 reached.clone(),
                 stop.clone(),
@@ -180,7 +184,7 @@ impl CountingConsumer {
                                 }
                             }
                             let n = count.fetch_add(1, Ordering::Relaxed) + 1;
-                            if n == 1 {
+                            if n == base.load(Ordering::Relaxed) + 1 {
                                 *first.lock().unwrap_or_else(|e| e.into_inner()) = Some(now);
                             }
                             if n == target {
@@ -203,6 +207,7 @@ impl CountingConsumer {
         }
         CountingConsumer {
             count,
+            base,
             first,
             reached,
             stop,
@@ -210,7 +215,12 @@ impl CountingConsumer {
         }
     }
 
-    /// When the first record arrived.
+    /// Counts the records read so far as before the measured ones.
+    pub fn set_base(&self) {
+        self.base.store(self.count(), Ordering::Relaxed);
+    }
+
+    /// When the first measured record arrived.
     pub fn first_at(&self) -> Option<Instant> {
         *self.first.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -249,6 +259,15 @@ impl Drop for CountingConsumer {
         if let Some(h) = self.handle.take() {
             let _ = h.join();
         }
+    }
+}
+
+/// Produces one record that is not an event and waits for its ack: once a consumer
+/// has read it, the consumer is fetching, so its start-up is out of what is measured.
+pub async fn send_sentinel<C: ClientContext + 'static>(producer: &FutureProducer<C>, topic: &str) {
+    let record = FutureRecord::to(topic).key("bench-sentinel").payload("{}");
+    if let Err((e, _)) = producer.send(record, Duration::from_secs(30)).await {
+        panic!("sentinel record to {topic}: {e}");
     }
 }
 

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::kafka::{produce_all, relay_producer, CountingConsumer, LatencyBook};
+use crate::kafka::{produce_all, relay_producer, send_sentinel, CountingConsumer, LatencyBook};
 use crate::relay_process::{self, histogram, shipped_int, Overrides, RelayProcess};
 use crate::report::{thousands, DrainRow, LatencyRow};
 use crate::workload::{self, BrokerRecord};
@@ -30,6 +30,13 @@ pub async fn broker_limit(b: &mut Bench, n: u64) {
         lane.partitions,
         n + warm as u64,
         None,
+    );
+    let got = consumer
+        .wait_count(warm as u64, Duration::from_secs(30))
+        .await;
+    assert!(
+        got >= warm as u64,
+        "broker limit: the consumer read {got} of {warm} warm-up records"
     );
     progress!(b.t0, "broker limit: producing {} records", thousands(n));
     let c0 = cpu::sample(&b.procs, None);
@@ -227,8 +234,20 @@ pub async fn relay_drain(
         .await;
     progress!(b.t0, "{label}: loading {} events", thousands(n));
     workload::load_backlog(&b.admin, &lane.schema, n).await;
-    let consumer =
-        CountingConsumer::start(&b.broker.bootstrap(), &lane.topic, lane.partitions, n, None);
+    let consumer = CountingConsumer::start(
+        &b.broker.bootstrap(),
+        &lane.topic,
+        lane.partitions,
+        n + 1,
+        None,
+    );
+    send_sentinel(&relay_producer(&lane.config_text), &lane.topic).await;
+    let got = consumer.wait_count(1, Duration::from_secs(30)).await;
+    assert!(
+        got >= 1,
+        "{label}: the consumer did not read the sentinel record within 30 s"
+    );
+    consumer.set_base();
     b.reset_statements().await;
     let perf = if b.opts.perf && o.batch_size == Some(b.opts.batch) {
         Perf::start(b.dir.path())
@@ -251,7 +270,7 @@ pub async fn relay_drain(
     };
     let elapsed = reached.unwrap_or_else(Instant::now) - relay.started;
     let first_record = consumer.first_at().map(|at| at - relay.started);
-    let events = consumer.count().min(n);
+    let events = consumer.count().saturating_sub(1).min(n);
     let stats = relay.stats();
     let c1 = cpu::sample(&b.procs, Some(relay.pid()));
     let metrics = relay.metrics();
