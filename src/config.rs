@@ -37,6 +37,10 @@ pub struct Settings {
     pub batch_size: usize,
     /// Delivered rows deleted per statement (`OUTBOX_DELETE_BATCH_SIZE`).
     pub delete_batch_size: usize,
+    /// Batches of one source handed to the producer and not yet acknowledged, at most
+    /// (`OUTBOX_IN_FLIGHT_BATCHES`). 1 sends a batch only after the previous one's
+    /// outcome is known.
+    pub in_flight_batches: usize,
     /// How long an idle source waits before polling again, unless woken by a new row
     /// (`OUTBOX_PROCESS_INTERVAL`; a bare number is seconds).
     #[serde(with = "humantime_serde_compat")]
@@ -238,6 +242,7 @@ impl Settings {
         let database_url: Option<String> = t.opt("database_url");
         let batch_size = t.int("batch_size", 10, 1, 100_000);
         let delete_batch_size = t.int("delete_batch_size", 50, 1, 100_000);
+        let in_flight_batches = t.int("in_flight_batches", 4, 1, 64);
         let process_interval = t.duration("process_interval", Duration::from_secs(5));
         let max_retries = t.int("max_retries", 3, 0, 1_000) as i32;
         let dead_letter_size = t.int("dead_letter_size", 1000, 0, i64::MAX as u64) as i64;
@@ -437,6 +442,7 @@ impl Settings {
             database_url: shared_url,
             batch_size: batch_size as usize,
             delete_batch_size: delete_batch_size as usize,
+            in_flight_batches: in_flight_batches as usize,
             process_interval,
             max_retries,
             dead_letter_size,

@@ -11,13 +11,14 @@
 
 pub mod store;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use deadpool_postgres::Pool;
-use futures::future::join_all;
+use futures::future::{join_all, BoxFuture};
+use futures::stream::{FuturesOrdered, StreamExt};
 use rdkafka::producer::FutureRecord;
 use tokio::sync::mpsc::UnboundedReceiver;
 use tokio_util::sync::CancellationToken;
@@ -118,10 +119,10 @@ struct Settled {
     dead: Vec<(i64, Failure)>,
     transport: Option<Failure>,
     /// Aggregates whose later events must wait (an event of theirs did not go out).
-    held: HashSet<(String, String)>,
+    held: HashSet<Aggregate>,
 }
 
-fn is_held(held: &HashSet<(String, String)>, e: &Event) -> bool {
+fn is_held(held: &HashSet<Aggregate>, e: &Event) -> bool {
     held.contains(&(e.aggregate_type.clone(), e.aggregate_id.clone()))
 }
 
@@ -130,6 +131,48 @@ struct InFlight {
     settled: Settled,
     pending: Vec<(usize, rdkafka::producer::DeliveryFuture)>,
     producer: crate::sink::Producer,
+}
+
+/// (aggregate_type, aggregate_id).
+type Aggregate = (String, String);
+
+/// An aggregate with a failed event whose later events must not go out yet.
+#[derive(Default)]
+struct Hold {
+    /// Failures of this aggregate not yet recorded in the outbox.
+    unsettled: u32,
+    /// The settle count when its last failure was recorded: claims that started later
+    /// skip the aggregate in SQL.
+    settled_at: u64,
+}
+
+/// Whether `e` must wait, for a claim that started after `gen` settles.
+fn held_for(holds: &HashMap<Aggregate, Hold>, e: &Event, gen: u64) -> bool {
+    holds
+        .get(&(e.aggregate_type.clone(), e.aggregate_id.clone()))
+        .is_some_and(|h| h.unsettled > 0 || h.settled_at > gen)
+}
+
+/// A claimed batch waiting for a free slot with the producer.
+struct Ready {
+    events: Vec<Event>,
+    /// Settles done when its claim started.
+    gen: u64,
+    claimed_at: Instant,
+    /// The claim was full: more rows are probably waiting.
+    full: bool,
+}
+
+/// Landed batches and whether settling them succeeded.
+type SettleOutcome = (Vec<Landed>, Result<(), String>);
+
+/// A batch whose every record was acknowledged or failed.
+struct Landed {
+    seq: u64,
+    batch: Vec<Event>,
+    settled: Settled,
+    claimed_at: Instant,
+    sent_at: Instant,
 }
 
 /// Logs an outage once at its start, then at most once per [`OUTAGE_REMINDER`], then its end.
@@ -239,9 +282,8 @@ impl Source {
                         .set(1);
                     self.set_leader(true);
                     info!(source = self.name(), "holding the source");
-                    let ended = self
-                        .lead(&notices_filter(notices), &cancel, &mut db_outage)
-                        .await;
+                    let mut notices = notices;
+                    let ended = self.lead(&mut notices, &cancel, &mut db_outage).await;
                     self.set_leader(false);
                     drop(client);
                     match ended {
@@ -323,165 +365,260 @@ impl Source {
 
     /// Works the source while holding its lock.
     ///
-    /// Pipelined: while batch N waits for Kafka's acknowledgements, batch N-1 is settled
-    /// (deleted, retried, dead-lettered) and batch N+1 is claimed, excluding N's ids.
-    /// Only one batch is ever with the producer, and N+1 is sent only after N's outcome
-    /// is known, so an aggregate whose event failed in N holds its later events back.
+    /// Pipelined: up to `in_flight_batches` batches are with the producer at once; while
+    /// they wait for Kafka's acknowledgements the next batch is claimed (excluding every
+    /// id still with the producer or not yet deleted) and landed batches are settled
+    /// (deleted, retried, dead-lettered) together, off the publishing path. Batches land
+    /// in the order they were sent. An aggregate whose event failed holds back its
+    /// events claimed before that failure was recorded; later claims skip them in SQL.
     async fn lead(
         &self,
-        wake: &WakeUp,
+        notices: &mut UnboundedReceiver<Notice>,
         cancel: &CancellationToken,
         db_outage: &mut Outage,
     ) -> Ended {
         let mut kafka_outage = Outage::new("kafka");
+        // The first flight sent after Kafka failed: only its landing proves recovery.
+        let mut kafka_retry_from = 0u64;
         let (publish_hist, batch_hist, e2e_hist) = self.metrics.source_histograms(self.name());
         let block = self.relay.retry.after_dead_letter == AfterDeadLetter::Block;
         let full = self.relay.batch_size;
-        // Acknowledged but not yet settled.
-        let mut unsettled: Option<(Vec<Event>, Settled)> = None;
-        // Claimed while the previous batch was in flight, not yet sent.
-        let mut carried: Option<Vec<Event>> = None;
-        let mut immediate = true;
+        let depth = self.relay.in_flight_batches.max(1);
+        let interval = self.relay.process_interval;
+
+        let mut flights: FuturesOrdered<BoxFuture<'_, Landed>> = FuturesOrdered::new();
+        // Ids with the producer, or delivered and not yet deleted, per flight.
+        let mut owned: VecDeque<(u64, Vec<i64>)> = VecDeque::new();
+        let mut next_seq = 0u64;
+        let mut landed: Vec<Landed> = Vec::new();
+        let mut settling: Option<BoxFuture<'_, SettleOutcome>> = None;
+        let mut settles_done = 0u64;
+        let mut holds: HashMap<Aggregate, Hold> = HashMap::new();
+        let mut claiming: Option<BoxFuture<'static, Result<Vec<Event>, String>>> = None;
+        // Settles done when the running claim started, and when it started.
+        let mut claim_gen = 0u64;
+        let mut claim_started = Instant::now();
+        let mut ready: Option<Ready> = None;
+        let mut want_claim = true;
+        let mut paused_until: Option<tokio::time::Instant> = None;
+        let mut poll_at = tokio::time::Instant::now() + interval;
+        let mut listening = true;
+        let mut ending: Option<Ended> = None;
+
         loop {
             self.state.beat();
-            let stopping = cancel.is_cancelled();
-            let lost = wake.lost();
-            if carried.is_none() || stopping || lost.is_some() {
-                carried = None;
-                // A fresh claim must not see rows that are delivered but not yet deleted.
-                if let Some((batch, settled)) = unsettled.take() {
-                    if let Err(e) = self.settle(&batch, &settled).await {
-                        self.db_failed(db_outage, &e, cancel).await;
+            if ending.is_none() && cancel.is_cancelled() {
+                ending = Some(Ended::Cancelled);
+            }
+            if ending.is_some() {
+                // Nothing new goes out; what is out lands and is settled first.
+                ready = None;
+                want_claim = false;
+                if flights.is_empty()
+                    && landed.is_empty()
+                    && settling.is_none()
+                    && claiming.is_none()
+                {
+                    return ending.unwrap_or(Ended::Cancelled);
+                }
+            }
+            if !holds.is_empty() {
+                // A hold is needed only by claims that started before it was settled.
+                let oldest = [
+                    ready.as_ref().map(|r| r.gen),
+                    claiming.as_ref().map(|_| claim_gen),
+                ]
+                .into_iter()
+                .flatten()
+                .min()
+                .unwrap_or(u64::MAX);
+                holds.retain(|_, h| h.unsettled > 0 || h.settled_at > oldest);
+            }
+            // A claimed batch goes out when a slot is free.
+            let mut to_send = None;
+            if paused_until.is_none() && flights.len() < depth {
+                if let Some(r) = ready.take() {
+                    let events: Vec<Event> = if holds.is_empty() {
+                        r.events
+                    } else {
+                        r.events
+                            .into_iter()
+                            .filter(|e| !held_for(&holds, e, r.gen))
+                            .collect()
+                    };
+                    // A full batch says more rows are waiting.
+                    want_claim |= r.full;
+                    if !events.is_empty() {
+                        let seq = next_seq;
+                        next_seq += 1;
+                        owned.push_back((seq, events.iter().map(|e| e.id).collect()));
+                        to_send = Some((seq, events, r.claimed_at));
                     }
                 }
-                if stopping {
-                    return Ended::Cancelled;
-                }
-                if let Some(why) = lost {
-                    return Ended::LostLock(why);
-                }
             }
-            if !immediate {
-                tokio::select! {
-                    _ = wake.wait(&self.settings.schema, self.relay.process_interval) => {}
-                    _ = cancel.cancelled() => return Ended::Cancelled,
-                }
-                self.state.beat();
-                if let Some(why) = wake.lost() {
-                    return Ended::LostLock(why);
-                }
-            }
-            if self.state.panic_once.swap(false, Ordering::Relaxed) {
-                panic!("injected panic in source {}", self.name());
-            }
-            while self.state.stall.load(Ordering::Relaxed) {
-                if wait(cancel, Duration::from_millis(50)).await {
-                    return Ended::Cancelled;
-                }
-            }
-            let started = Instant::now();
-            let batch = match carried.take() {
-                Some(b) => b,
-                None => match self.claim(block, &[]).await {
-                    Ok(b) => {
-                        db_outage.recovered(self.name());
-                        b
-                    }
-                    Err(e) => {
-                        self.db_failed(db_outage, &e, cancel).await;
-                        immediate = true;
-                        continue;
-                    }
-                },
-            };
-            if batch.is_empty() {
-                immediate = false;
-                continue;
-            }
-            self.state.beat();
-            let in_flight = self.send(&batch);
-            let claim_next = batch.len() >= full && !cancel.is_cancelled();
-            let ids: Vec<i64> = batch.iter().map(|e| e.id).collect();
-            let previous = unsettled.take();
-            let overlap = async {
-                if let Some((b, st)) = &previous {
-                    self.settle(b, st).await?;
-                }
-                if claim_next {
-                    self.claim(block, &ids).await.map(Some)
-                } else {
-                    Ok(None)
-                }
-            };
-            let (settled, overlapped) = tokio::join!(self.acks(&batch, in_flight), overlap);
-            self.state.beat();
-            publish_hist.observe(started.elapsed().as_secs_f64());
-            let acked_at = SystemTime::now();
-            for e in batch
-                .iter()
-                .filter(|e| settled.delivered.binary_search(&e.id).is_ok())
+            // Claim the next batch while earlier ones are out, unless a failure is still
+            // to be recorded (the claim could not skip the failed aggregates yet).
+            if want_claim
+                && ending.is_none()
+                && paused_until.is_none()
+                && ready.is_none()
+                && claiming.is_none()
+                && holds.values().all(|h| h.unsettled == 0)
             {
-                if let Ok(age) = acked_at.duration_since(e.created_at) {
-                    e2e_hist.observe(age.as_secs_f64());
+                if self.state.panic_once.swap(false, Ordering::Relaxed) {
+                    panic!("injected panic in source {}", self.name());
                 }
+                while self.state.stall.load(Ordering::Relaxed) {
+                    if wait(cancel, Duration::from_millis(50)).await {
+                        break;
+                    }
+                }
+                want_claim = false;
+                let exclude: Vec<i64> = owned
+                    .iter()
+                    .flat_map(|(_, ids)| ids.iter().copied())
+                    .collect();
+                claim_gen = settles_done;
+                claim_started = Instant::now();
+                poll_at = tokio::time::Instant::now() + interval;
+                claiming = Some(self.claim(block, exclude));
             }
-            let next = match overlapped {
-                Ok(next) => {
-                    db_outage.recovered(self.name());
-                    next
-                }
-                Err(e) => {
-                    // Delivered rows of the previous batch stay in the outbox and go out
-                    // again: duplicates, never loss.
-                    self.db_failed(db_outage, &e, cancel).await;
-                    None
-                }
-            };
-            let transport = settled.transport.clone();
-            carried = next
-                .map(|n| {
-                    n.into_iter()
-                        .filter(|e| settled.held.is_empty() || !is_held(&settled.held, e))
-                        .collect::<Vec<_>>()
-                })
-                .filter(|n| !n.is_empty() && transport.is_none());
-            unsettled = Some((batch, settled));
-            batch_hist.observe(started.elapsed().as_secs_f64());
-            match transport {
-                Some(f) => {
-                    if let Some((b, st)) = unsettled.take() {
-                        if let Err(e) = self.settle(&b, &st).await {
-                            self.db_failed(db_outage, &e, cancel).await;
+            if let Some((seq, events, claimed_at)) = to_send {
+                let sent_at = Instant::now();
+                let in_flight = self.send(&events);
+                flights.push_back(Box::pin(async move {
+                    let settled = self.acks(&events, in_flight).await;
+                    Landed {
+                        seq,
+                        batch: events,
+                        settled,
+                        claimed_at,
+                        sent_at,
+                    }
+                }));
+            }
+            if settling.is_none() && !landed.is_empty() {
+                let done = std::mem::take(&mut landed);
+                settling = Some(Box::pin(async move {
+                    let r = self.settle(&done).await;
+                    (done, r)
+                }));
+            }
+            tokio::select! {
+                Some(l) = flights.next(), if !flights.is_empty() => {
+                    publish_hist.observe(l.sent_at.elapsed().as_secs_f64());
+                    batch_hist.observe(l.claimed_at.elapsed().as_secs_f64());
+                    let acked_at = SystemTime::now();
+                    for e in l.batch.iter().filter(|e| l.settled.delivered.binary_search(&e.id).is_ok()) {
+                        if let Ok(age) = acked_at.duration_since(e.created_at) {
+                            e2e_hist.observe(age.as_secs_f64());
                         }
                     }
-                    self.metrics
-                        .kafka_outage
-                        .with_label_values(&[self.name()])
-                        .set(1);
-                    self.state.set_error(f.message.clone());
-                    let pause =
-                        kafka_outage.failed(self.name(), &f.message, self.relay.retry.backoff_base);
-                    if wait(cancel, pause).await {
-                        return Ended::Cancelled;
+                    for key in &l.settled.held {
+                        holds.entry(key.clone()).or_default().unsettled += 1;
                     }
-                    immediate = true;
-                }
-                None => {
-                    if kafka_outage.active() {
-                        self.metrics
-                            .kafka_outage
-                            .with_label_values(&[self.name()])
-                            .set(0);
-                        kafka_outage.recovered(self.name());
+                    match &l.settled.transport {
+                        Some(f) => {
+                            // Hold everything back until the pause is over; what is still
+                            // out lands (or fails) on its own.
+                            ready = None;
+                            if paused_until.is_none() {
+                                self.metrics
+                                    .kafka_outage
+                                    .with_label_values(&[self.name()])
+                                    .set(1);
+                                self.state.set_error(f.message.clone());
+                                let pause = kafka_outage.failed(
+                                    self.name(),
+                                    &f.message,
+                                    self.relay.retry.backoff_base,
+                                );
+                                paused_until = Some(tokio::time::Instant::now() + pause);
+                                kafka_retry_from = next_seq;
+                            }
+                        }
+                        None if kafka_outage.active() && l.seq >= kafka_retry_from => {
+                            self.metrics
+                                .kafka_outage
+                                .with_label_values(&[self.name()])
+                                .set(0);
+                            kafka_outage.recovered(self.name());
+                        }
+                        None => {}
                     }
-                    // A full batch is followed at once by the next.
-                    immediate = carried.is_some() || claim_next;
+                    landed.push(l);
                 }
+                r = async { claiming.as_mut().expect("guarded").await }, if claiming.is_some() => {
+                    claiming = None;
+                    match r {
+                        Ok(events) => {
+                            self.db_ok(db_outage);
+                            if !events.is_empty() && ending.is_none() {
+                                ready = Some(Ready {
+                                    full: events.len() >= full,
+                                    events,
+                                    gen: claim_gen,
+                                    claimed_at: claim_started,
+                                });
+                            }
+                        }
+                        Err(e) => {
+                            let pause = self.db_down(db_outage, &e);
+                            paused_until = Some(tokio::time::Instant::now() + pause);
+                        }
+                    }
+                }
+                (done, r) = async { settling.as_mut().expect("guarded").await }, if settling.is_some() => {
+                    settling = None;
+                    settles_done += 1;
+                    for l in &done {
+                        for key in &l.settled.held {
+                            if let Some(h) = holds.get_mut(key) {
+                                h.unsettled = h.unsettled.saturating_sub(1);
+                                h.settled_at = settles_done;
+                            }
+                        }
+                        if owned.front().is_some_and(|(seq, _)| *seq == l.seq) {
+                            owned.pop_front();
+                        }
+                    }
+                    match r {
+                        Ok(()) => self.db_ok(db_outage),
+                        Err(e) => {
+                            // Delivered rows that were not deleted go out again:
+                            // duplicates, never loss.
+                            let pause = self.db_down(db_outage, &e);
+                            paused_until = Some(tokio::time::Instant::now() + pause);
+                        }
+                    }
+                }
+                n = notices.recv(), if listening => match n {
+                    Some(Notice::Notify(s)) => want_claim |= s == self.settings.schema,
+                    Some(Notice::Closed(why)) => {
+                        listening = false;
+                        ending.get_or_insert(Ended::LostLock(why));
+                    }
+                    None => {
+                        listening = false;
+                        ending.get_or_insert(Ended::LostLock("connection closed".into()));
+                    }
+                },
+                _ = tokio::time::sleep_until(poll_at), if ending.is_none() && claiming.is_none() => {
+                    want_claim = true;
+                    poll_at = tokio::time::Instant::now() + interval;
+                }
+                _ = tokio::time::sleep_until(paused_until.unwrap_or_else(tokio::time::Instant::now)),
+                    if paused_until.is_some() => {
+                    paused_until = None;
+                    want_claim = true;
+                }
+                _ = cancel.cancelled(), if ending.is_none() => {}
             }
         }
     }
 
-    async fn db_failed(&self, outage: &mut Outage, e: &str, cancel: &CancellationToken) {
+    /// A PostgreSQL operation failed: count it, show it, and say how long to pause.
+    fn db_down(&self, outage: &mut Outage, e: &str) -> Duration {
         self.metrics
             .poll_errors
             .with_label_values(&[self.name()])
@@ -491,36 +628,51 @@ impl Source {
             .with_label_values(&[self.name()])
             .set(0);
         self.state.set_error(e.to_string());
-        let pause = outage.failed(self.name(), e, self.relay.retry.backoff_base);
-        wait(cancel, pause).await;
-        self.metrics
-            .source_up
-            .with_label_values(&[self.name()])
-            .set(1);
+        outage.failed(self.name(), e, self.relay.retry.backoff_base)
     }
 
-    async fn claim(&self, block: bool, in_flight: &[i64]) -> Result<Vec<Event>, String> {
+    /// A PostgreSQL operation succeeded.
+    fn db_ok(&self, outage: &mut Outage) {
+        if outage.active() {
+            outage.recovered(self.name());
+            self.metrics
+                .source_up
+                .with_label_values(&[self.name()])
+                .set(1);
+        }
+    }
+
+    /// Starts a claim on its own task, so PostgreSQL reads the next batch while this
+    /// task hands the current one to the producer.
+    fn claim(
+        &self,
+        block: bool,
+        exclude: Vec<i64>,
+    ) -> BoxFuture<'static, Result<Vec<Event>, String>> {
         let timeout = self.relay.operation_timeout;
-        let work = async {
-            let client = self
-                .pool
+        let pool = self.pool.clone();
+        let store = self.store.clone();
+        let limit = self.relay.batch_size as i64;
+        let max_retries = self.relay.max_retries;
+        let work = async move {
+            let client = pool
                 .get()
                 .await
                 .map_err(|e| format!("pool: {}", chain(&e)))?;
-            self.store
-                .claim(
-                    &client,
-                    self.relay.batch_size as i64,
-                    self.relay.max_retries,
-                    block,
-                    in_flight,
-                )
+            store
+                .claim(&client, limit, max_retries, block, &exclude)
                 .await
                 .map_err(|e| format!("claim: {}", chain(&e)))
         };
-        tokio::time::timeout(timeout, work)
-            .await
-            .map_err(|_| format!("claim: timed out after {timeout:?}"))?
+        let task = tokio::spawn(async move {
+            tokio::time::timeout(timeout, work)
+                .await
+                .map_err(|_| format!("claim: timed out after {timeout:?}"))?
+        });
+        Box::pin(async move {
+            task.await
+                .unwrap_or_else(|e| Err(format!("claim task failed: {e}")))
+        })
     }
 
     /// Hands the batch to the producer. Rows that fail before reaching it are settled
@@ -688,8 +840,9 @@ impl Source {
         }
     }
 
-    /// Deletes what was delivered, records retries, and moves what failed for good.
-    async fn settle(&self, batch: &[Event], s: &Settled) -> Result<(), String> {
+    /// Deletes what was delivered, records retries, and moves what failed for good,
+    /// for every batch that landed since the last settle.
+    async fn settle(&self, landed: &[Landed]) -> Result<(), String> {
         let timeout = self.relay.operation_timeout;
         let work = async {
             let mut client = self
@@ -697,21 +850,32 @@ impl Source {
                 .get()
                 .await
                 .map_err(|e| format!("pool: {}", chain(&e)))?;
-            if !s.delivered.is_empty() {
+            let merged: Vec<i64>;
+            let delivered: &[i64] = match landed {
+                [one] => &one.settled.delivered,
+                _ => {
+                    merged = landed
+                        .iter()
+                        .flat_map(|l| l.settled.delivered.iter().copied())
+                        .collect();
+                    &merged
+                }
+            };
+            if !delivered.is_empty() {
                 self.store
-                    .delete(&client, &s.delivered, self.relay.delete_batch_size)
+                    .delete(&client, delivered, self.relay.delete_batch_size)
                     .await
                     .map_err(|e| format!("delete delivered rows: {e}"))?;
             }
-            let mut dead: Vec<(i64, String)> = s
-                .dead
+            let mut dead: Vec<(i64, String)> = landed
                 .iter()
+                .flat_map(|l| &l.settled.dead)
                 .map(|(id, f)| (*id, format!("{}: {}", f.reason, f.message)))
                 .collect();
             let mut retry_ids = Vec::new();
             let mut retry_errors = Vec::new();
             let mut retry_delays = Vec::new();
-            for (id, count, max, f) in &s.retry {
+            for (id, count, max, f) in landed.iter().flat_map(|l| &l.settled.retry) {
                 let attempts = count + 1;
                 if attempts > *max {
                     dead.push((
@@ -755,7 +919,11 @@ impl Source {
                     .dead_lettered
                     .with_label_values(&[self.name()])
                     .inc_by(moved);
-                for e in batch.iter().filter(|e| ids.binary_search(&e.id).is_ok()) {
+                for e in landed
+                    .iter()
+                    .flat_map(|l| &l.batch)
+                    .filter(|e| ids.binary_search(&e.id).is_ok())
+                {
                     error!(
                         source = self.name(),
                         event_id = %e.event_id,
@@ -783,85 +951,6 @@ impl Source {
         tokio::time::timeout(timeout, work)
             .await
             .map_err(|_| format!("settle batch: timed out after {timeout:?}"))?
-    }
-}
-
-/// The wake-up side of a source's dedicated connection: NOTIFYs and its death.
-struct WakeUp {
-    rx: tokio::sync::Mutex<UnboundedReceiver<Notice>>,
-    lost: Mutex<Option<String>>,
-    /// A notification taken off the channel by `lost()`, still to be acted on.
-    woken: AtomicBool,
-}
-
-fn notices_filter(rx: UnboundedReceiver<Notice>) -> WakeUp {
-    WakeUp {
-        rx: tokio::sync::Mutex::new(rx),
-        lost: Mutex::new(None),
-        woken: AtomicBool::new(false),
-    }
-}
-
-impl WakeUp {
-    /// Why the connection (and so the lock) was lost, if it was.
-    fn lost(&self) -> Option<String> {
-        if let Ok(mut rx) = self.rx.try_lock() {
-            loop {
-                match rx.try_recv() {
-                    Ok(Notice::Closed(why)) => {
-                        self.set_lost(why);
-                        break;
-                    }
-                    // Not dropped: the next wait must return at once for it.
-                    Ok(Notice::Notify(_)) => self.woken.store(true, Ordering::Relaxed),
-                    Err(tokio::sync::mpsc::error::TryRecvError::Empty) => break,
-                    Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => {
-                        self.set_lost("connection closed".into());
-                        break;
-                    }
-                }
-            }
-        }
-        self.lost.lock().ok().and_then(|g| g.clone())
-    }
-
-    fn set_lost(&self, why: String) {
-        if let Ok(mut g) = self.lost.lock() {
-            g.get_or_insert(why);
-        }
-    }
-
-    /// Waits until a row for `schema` is committed, the connection dies, or `max` passes.
-    async fn wait(&self, schema: &str, max: Duration) {
-        if self.woken.swap(false, Ordering::Relaxed) {
-            return;
-        }
-        let mut rx = self.rx.lock().await;
-        let deadline = tokio::time::Instant::now() + max;
-        loop {
-            match tokio::time::timeout_at(deadline, rx.recv()).await {
-                Err(_) => return,
-                Ok(Some(Notice::Notify(s))) if s == schema => {
-                    // Notifications that queued up while a batch was out all ask for the
-                    // same thing: one claim. Drain them so they do not cause empty claims.
-                    while let Ok(n) = rx.try_recv() {
-                        if let Notice::Closed(why) = n {
-                            self.set_lost(why);
-                        }
-                    }
-                    return;
-                }
-                Ok(Some(Notice::Notify(_))) => continue,
-                Ok(Some(Notice::Closed(why))) => {
-                    self.set_lost(why);
-                    return;
-                }
-                Ok(None) => {
-                    self.set_lost("connection closed".into());
-                    return;
-                }
-            }
-        }
     }
 }
 
