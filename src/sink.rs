@@ -246,6 +246,11 @@ fn create_producer(
             operation_timeout.as_millis().max(10).to_string(),
         )
         .set("linger.ms", "5")
+        // Connect to every broker at once: the idempotent producer gets its producer id
+        // only from a broker that is up, and with sparse connections the first one comes
+        // up when the first batch needs it, delaying that batch by librdkafka's 500 ms
+        // id-retry timer, twice.
+        .set("enable.sparse.connections", "false")
         // Reconnect within a second of a broker's return, not librdkafka's 10s.
         .set("reconnect.backoff.max.ms", "1000");
     for (k, v) in &kafka.properties {
