@@ -1,5 +1,7 @@
 //! Kafka: the producer, turning outbox rows into records, and classifying failures.
 
+use std::borrow::Cow;
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use std::sync::RwLock;
@@ -290,7 +292,7 @@ pub fn build_record<'a>(
             message: format!("invalid topic name in the row's topic column: {e}"),
         })?;
     }
-    let extra: Vec<(String, String)> = match event.headers.as_deref() {
+    let extra: HeaderPairs = match event.headers.as_deref() {
         None => Vec::new(),
         Some(text) => parse_headers(text).map_err(Failure::invalid_record)?,
     };
@@ -325,8 +327,8 @@ pub fn build_record<'a>(
     }
     for (k, v) in &extra {
         headers = headers.insert(Header {
-            key: k.as_str(),
-            value: Some(v.as_str()),
+            key: k.as_ref(),
+            value: Some(v.as_ref()),
         });
     }
     Ok(Record {
@@ -337,8 +339,20 @@ pub fn build_record<'a>(
     })
 }
 
+/// The row's extra headers, in key order.
+type HeaderPairs<'a> = Vec<(Cow<'a, str>, Cow<'a, str>)>;
+
+/// A JSON string, borrowed from the row unless it has escapes.
+#[derive(serde::Deserialize, PartialEq, Eq, PartialOrd, Ord)]
+struct JsonText<'a>(#[serde(borrow)] Cow<'a, str>);
+
 /// Parses the row's `headers`: a JSON object whose values are strings.
-fn parse_headers(text: &str) -> Result<Vec<(String, String)>, String> {
+fn parse_headers(text: &str) -> Result<HeaderPairs<'_>, String> {
+    // The common case borrows from the row; only a bad value takes the slow path, for
+    // its error message.
+    if let Ok(map) = serde_json::from_str::<BTreeMap<JsonText, JsonText>>(text) {
+        return Ok(map.into_iter().map(|(k, v)| (k.0, v.0)).collect());
+    }
     let value: serde_json::Value =
         serde_json::from_str(text).map_err(|e| format!("headers column is not JSON: {e}"))?;
     let serde_json::Value::Object(map) = value else {
@@ -349,7 +363,7 @@ fn parse_headers(text: &str) -> Result<Vec<(String, String)>, String> {
     };
     map.into_iter()
         .map(|(k, v)| match v {
-            serde_json::Value::String(s) => Ok((k, s)),
+            serde_json::Value::String(s) => Ok((Cow::Owned(k), Cow::Owned(s))),
             other => Err(format!(
                 "headers column: value of {k:?} must be a string, got {}",
                 kind(&other)
@@ -410,6 +424,29 @@ mod tests {
                 "source",
                 "correlation_id",
                 "traceparent"
+            ]
+        );
+    }
+
+    #[test]
+    fn header_values_with_escapes_are_decoded() {
+        let mut e = event();
+        e.headers = Some(r#"{"b": "say \"hi\"", "a": "caf\u00e9"}"#.into());
+        let r = build_record(&e, "customer", "customer.events", "id").expect("record");
+        let extra: Vec<(String, String)> = r
+            .headers
+            .iter()
+            .filter(|h| h.key.len() == 1)
+            .map(|h| {
+                let v = h.value.map(|v| String::from_utf8_lossy(v).into_owned());
+                (h.key.to_string(), v.unwrap_or_default())
+            })
+            .collect();
+        assert_eq!(
+            extra,
+            vec![
+                ("a".to_string(), "caf\u{e9}".to_string()),
+                ("b".to_string(), "say \"hi\"".to_string())
             ]
         );
     }
