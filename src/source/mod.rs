@@ -32,6 +32,8 @@ use crate::retry::backoff_jittered;
 use crate::sink::{breaks_producer, build_record, classify, Blame, Failure};
 use store::{Event, Store};
 
+/// Claimed batches kept waiting for a producer slot, at most.
+const READY_AHEAD: usize = 2;
 /// How often a follower asks for a source's lock.
 const TAKEOVER_POLL: Duration = Duration::from_secs(1);
 /// How often an ongoing outage is logged again.
@@ -159,8 +161,6 @@ struct Ready {
     /// Settles done when its claim started.
     gen: u64,
     claimed_at: Instant,
-    /// The claim was full: more rows are probably waiting.
-    full: bool,
 }
 
 /// Landed batches and whether settling them succeeded.
@@ -398,7 +398,8 @@ impl Source {
         // Settles done when the running claim started, and when it started.
         let mut claim_gen = 0u64;
         let mut claim_started = Instant::now();
-        let mut ready: Option<Ready> = None;
+        // Claimed, not yet sent: a claim returns while the slots are still taken.
+        let mut ready: VecDeque<Ready> = VecDeque::new();
         let mut want_claim = true;
         let mut paused_until: Option<tokio::time::Instant> = None;
         let mut poll_at = tokio::time::Instant::now() + interval;
@@ -412,7 +413,7 @@ impl Source {
             }
             if ending.is_some() {
                 // Nothing new goes out; what is out lands and is settled first.
-                ready = None;
+                ready.clear();
                 want_claim = false;
                 if flights.is_empty()
                     && landed.is_empty()
@@ -424,20 +425,18 @@ impl Source {
             }
             if !holds.is_empty() {
                 // A hold is needed only by claims that started before it was settled.
-                let oldest = [
-                    ready.as_ref().map(|r| r.gen),
-                    claiming.as_ref().map(|_| claim_gen),
-                ]
-                .into_iter()
-                .flatten()
-                .min()
-                .unwrap_or(u64::MAX);
+                let oldest = ready
+                    .iter()
+                    .map(|r| r.gen)
+                    .chain(claiming.as_ref().map(|_| claim_gen))
+                    .min()
+                    .unwrap_or(u64::MAX);
                 holds.retain(|_, h| h.unsettled > 0 || h.settled_at > oldest);
             }
             // A claimed batch goes out when a slot is free.
             let mut to_send = None;
             if paused_until.is_none() && flights.len() < depth {
-                if let Some(r) = ready.take() {
+                if let Some(r) = ready.pop_front() {
                     let events: Vec<Event> = if holds.is_empty() {
                         r.events
                     } else {
@@ -446,8 +445,6 @@ impl Source {
                             .filter(|e| !held_for(&holds, e, r.gen))
                             .collect()
                     };
-                    // A full batch says more rows are waiting.
-                    want_claim |= r.full;
                     if !events.is_empty() {
                         let seq = next_seq;
                         next_seq += 1;
@@ -461,7 +458,7 @@ impl Source {
             if want_claim
                 && ending.is_none()
                 && paused_until.is_none()
-                && ready.is_none()
+                && ready.len() < READY_AHEAD
                 && claiming.is_none()
                 && holds.values().all(|h| h.unsettled == 0)
             {
@@ -477,6 +474,7 @@ impl Source {
                 let exclude: Vec<i64> = owned
                     .iter()
                     .flat_map(|(_, ids)| ids.iter().copied())
+                    .chain(ready.iter().flat_map(|r| r.events.iter().map(|e| e.id)))
                     .collect();
                 claim_gen = settles_done;
                 claim_started = Instant::now();
@@ -521,7 +519,7 @@ impl Source {
                         Some(f) => {
                             // Hold everything back until the pause is over; what is still
                             // out lands (or fails) on its own.
-                            ready = None;
+                            ready.clear();
                             if paused_until.is_none() {
                                 self.metrics
                                     .kafka_outage
@@ -553,9 +551,11 @@ impl Source {
                     match r {
                         Ok(events) => {
                             self.db_ok(db_outage);
+                            // A full batch says more rows are waiting: claim the next one
+                            // now, while this one waits for a slot.
+                            want_claim |= events.len() >= full;
                             if !events.is_empty() && ending.is_none() {
-                                ready = Some(Ready {
-                                    full: events.len() >= full,
+                                ready.push_back(Ready {
                                     events,
                                     gen: claim_gen,
                                     claimed_at: claim_started,
