@@ -1,5 +1,6 @@
 //! Who used the CPUs during a run, from /proc: the relay, PostgreSQL (the postmaster,
-//! its live backends, and the backends that exited), tansu, the bench process itself
+//! its live backends, and the backends that exited), tansu, the mock broker process of
+//! the latency runs on librdkafka's mock cluster, the bench process itself
 //! (its producer, consumer and SQL client), and idle time. On a 2-core machine every
 //! contender shares the cores with the broker and the database, so this split says more
 //! than a rate alone.
@@ -11,6 +12,7 @@ use std::time::Instant;
 pub struct Procs {
     pub postmaster: Option<u32>,
     pub tansu: Option<u32>,
+    pub mock: Option<u32>,
 }
 
 /// Cumulative CPU seconds at one moment.
@@ -22,6 +24,7 @@ pub struct Sample {
     relay: f64,
     postgres: f64,
     tansu: f64,
+    mock: f64,
     bench: f64,
 }
 
@@ -108,6 +111,7 @@ pub fn sample(p: &Procs, relay: Option<u32>) -> Sample {
         relay: own(relay) as f64 / tck,
         postgres: postgres as f64 / tck,
         tansu: own(p.tansu) as f64 / tck,
+        mock: own(p.mock) as f64 / tck,
         bench: stat("self").map(|(_, o, _)| o).unwrap_or(0) as f64 / tck,
     }
 }
@@ -122,8 +126,11 @@ impl Sample {
 /// CPU seconds used by processes outside the bench between two samples, and the
 /// capacity (wall time x CPUs) of that window.
 pub fn others(a: &Sample, b: &Sample) -> (f64, f64) {
-    let named =
-        (b.relay - a.relay) + (b.postgres - a.postgres) + (b.tansu - a.tansu) + (b.bench - a.bench);
+    let named = (b.relay - a.relay)
+        + (b.postgres - a.postgres)
+        + (b.tansu - a.tansu)
+        + (b.mock - a.mock)
+        + (b.bench - a.bench);
     let busy = b.busy - a.busy;
     let capacity = (b.busy + b.idle) - (a.busy + a.idle);
     ((busy - named).max(0.0), capacity)
@@ -134,6 +141,7 @@ pub fn machine_load(window: std::time::Duration) -> f64 {
     let p = Procs {
         postmaster: None,
         tansu: None,
+        mock: None,
     };
     let a = sample(&p, None);
     std::thread::sleep(window);
@@ -150,12 +158,13 @@ pub fn split(a: &Sample, b: &Sample) -> String {
         ("relay", b.relay - a.relay),
         ("postgres", b.postgres - a.postgres),
         ("tansu", b.tansu - a.tansu),
+        ("mock broker", b.mock - a.mock),
         ("bench", b.bench - a.bench),
     ];
     let named: f64 = parts.iter().map(|p| p.1).sum();
     let mut s = format!("    CPU over {wall:.2} s wall:");
     for (name, v) in parts {
-        if v > 0.0 || name != "relay" {
+        if v > 0.0 || !matches!(name, "relay" | "mock broker") {
             s.push_str(&format!(" {name} {v:.2} s,"));
         }
     }

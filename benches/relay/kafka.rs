@@ -110,12 +110,19 @@ pub struct CountingConsumer {
     handle: Option<JoinHandle<()>>,
 }
 
-/// Consumer settings: no group, nothing committed. tansu answers a fetch for an empty
-/// partition only after `fetch.wait.max.ms`, even when records arrive meanwhile, so
-/// that wait adds to the latency the consumer sees, while shorter waits cost tansu CPU
-/// the relay then lacks: latency runs use 5 ms, drains 10 ms (BENCH_FETCH_WAIT_MS
-/// overrides both).
-fn consumer_config(bootstrap: &str, fetch_wait_ms: u32) -> ClientConfig {
+/// The consumer's `fetch.wait.max.ms` in drains (latency runs: `BrokerKind::fetch_wait_ms`).
+pub const DRAIN_FETCH_WAIT_MS: u32 = 10;
+
+/// A consumer's `fetch.wait.max.ms`: BENCH_FETCH_WAIT_MS, else the caller's choice.
+pub fn fetch_wait_ms(chosen: u32) -> String {
+    std::env::var("BENCH_FETCH_WAIT_MS").unwrap_or_else(|_| chosen.to_string())
+}
+
+/// Consumer settings: no group, nothing committed. Both brokers (tansu and librdkafka's
+/// mock cluster) answer a fetch for an empty partition only after `fetch.wait.max.ms`,
+/// even when records arrive meanwhile, so that wait adds to the latency the consumer
+/// sees; shorter waits cost the broker CPU the relay then lacks.
+fn consumer_config(bootstrap: &str, chosen_wait_ms: u32) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", bootstrap)
         .set("group.id", "outbox-relay-bench")
@@ -124,10 +131,7 @@ fn consumer_config(bootstrap: &str, fetch_wait_ms: u32) -> ClientConfig {
         .set("enable.partition.eof", "false")
         .set("auto.offset.reset", "earliest")
         .set("fetch.min.bytes", "1")
-        .set(
-            "fetch.wait.max.ms",
-            std::env::var("BENCH_FETCH_WAIT_MS").unwrap_or_else(|_| fetch_wait_ms.to_string()),
-        )
+        .set("fetch.wait.max.ms", fetch_wait_ms(chosen_wait_ms))
         .set("allow.auto.create.topics", "false");
     c
 }
@@ -140,8 +144,8 @@ impl CountingConsumer {
         partitions: i32,
         target: u64,
         book: Option<Arc<LatencyBook>>,
+        fetch_wait_ms: u32,
     ) -> CountingConsumer {
-        let fetch_wait_ms = if book.is_some() { 5 } else { 10 };
         let consumer: BaseConsumer = consumer_config(bootstrap, fetch_wait_ms)
             .create()
             .expect("create consumer");

@@ -8,13 +8,15 @@
 //! 2. drain: the release relay binary empties the backlog, measured at a consumer, with
 //!    a throughput batch size and with the plan's default;
 //! 3. a naive row-at-a-time relay;
-//! 4. latency from commit to consumer at steady rates (wake-up by NOTIFY only);
+//! 4. latency from commit to consumer at steady rates (wake-up by NOTIFY only), on tansu
+//!    and on librdkafka's mock cluster in its own process (see mock_broker.rs);
 //! 5. the relay's peak RSS and CPU, and, with BENCH_BIG, a large backlog's peak RSS.
 
 #[path = "../../tests/common/mod.rs"]
 mod common;
 mod cpu;
 mod kafka;
+mod mock_broker;
 mod relay_process;
 mod report;
 mod workload;
@@ -24,6 +26,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use common::{create_topic, free_port, Broker, PgServer};
+use mock_broker::MockBroker;
 use relay_process::{config_toml, migrate, shipped_int, Overrides};
 use report::{machine, thousands, DrainRow, Report};
 use tokio_postgres::Client;
@@ -54,6 +57,8 @@ struct Opts {
     drain_secs: f64,
     /// PostgreSQL fsync (BENCH_FSYNC=on|off).
     fsync: bool,
+    /// Brokers of the latency runs (BENCH_LATENCY_BROKERS, comma-separated: tansu,mock).
+    latency_brokers: Vec<BrokerKind>,
     /// Sections to run (BENCH_ONLY, comma-separated: broker,sql,relay,naive,latency,big).
     only: Option<Vec<String>>,
     /// Profile the throughput drain with `perf record -a` (BENCH_PERF=1).
@@ -94,6 +99,15 @@ impl Opts {
             latency_partitions: env_num("BENCH_LATENCY_PARTITIONS", 1),
             batch: env_num("BENCH_BATCH", 1000),
             rates,
+            latency_brokers: std::env::var("BENCH_LATENCY_BROKERS")
+                .unwrap_or_else(|_| "tansu,mock".into())
+                .split(',')
+                .map(|b| match b.trim() {
+                    "tansu" => BrokerKind::Tansu,
+                    "mock" => BrokerKind::Mock,
+                    other => panic!("BENCH_LATENCY_BROKERS: {other:?} is neither tansu nor mock"),
+                })
+                .collect(),
             latency_secs: env_num("BENCH_LATENCY_SECS", if quick { 3.0 } else { 10.0 }),
             naive_secs: env_num("BENCH_NAIVE_SECS", if quick { 5.0 } else { 20.0 }),
             drain_secs: env_num("BENCH_DRAIN_SECS", if quick { 20.0 } else { 60.0 }),
@@ -114,6 +128,39 @@ impl Opts {
     }
 }
 
+/// The broker a lane's topic lives on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BrokerKind {
+    /// The tansu process every section uses.
+    Tansu,
+    /// librdkafka's mock cluster in its own process (latency runs only).
+    Mock,
+}
+
+impl BrokerKind {
+    /// The name in report labels.
+    fn name(self) -> &'static str {
+        match self {
+            BrokerKind::Tansu => "tansu",
+            BrokerKind::Mock => "librdkafka mock cluster",
+        }
+    }
+
+    /// The latency consumer's `fetch.wait.max.ms`. Neither broker answers a fetch on an
+    /// empty partition before this wait is over, even when records arrive meanwhile
+    /// (librdkafka's rdkafka_mock_handlers.c says so of the mock), so it adds up to this
+    /// much to every latency, the relay's and the broker alone's alike. 5 ms on tansu,
+    /// where shorter waits cost a CPU the relay then lacks; 1 ms on the mock, which
+    /// answers a fetch for little CPU, so its floor comes near a real broker's (which
+    /// answers as soon as records arrive) without the consumer spinning, as it would at 0.
+    fn fetch_wait_ms(self) -> u32 {
+        match self {
+            BrokerKind::Tansu => 5,
+            BrokerKind::Mock => 1,
+        }
+    }
+}
+
 /// Prints a progress line to stderr with the time since the bench started.
 macro_rules! progress {
     ($t0:expr, $($arg:tt)*) => {
@@ -129,6 +176,8 @@ struct Bench {
     t0: Instant,
     pg: PgServer,
     broker: Broker,
+    /// The mock broker process of the current mock lane, if any.
+    mock: Option<MockBroker>,
     db_url: String,
     admin: Client,
     dir: tempfile::TempDir,
@@ -144,6 +193,7 @@ struct Bench {
 struct Lane {
     schema: String,
     topic: String,
+    bootstrap: String,
     config: PathBuf,
     config_text: String,
     http_port: u16,
@@ -152,17 +202,45 @@ struct Lane {
 
 impl Bench {
     /// A fresh schema (migrated by `outbox-relay migrate`) and topic for one contender,
-    /// on a freshly started, empty broker: tansu's memory storage slows down as the
-    /// records of earlier contenders pile up, so every contender starts from the same
-    /// empty broker.
+    /// on a freshly started, empty tansu: its memory storage slows down as the records of
+    /// earlier contenders pile up, so every contender starts from the same empty broker.
     async fn lane(&mut self, name: &str, o: &Overrides, partitions: i32) -> Lane {
-        if self.runs > 0 {
+        self.lane_on(BrokerKind::Tansu, name, o, partitions).await
+    }
+
+    /// [`Bench::lane`] on the given broker; a mock lane gets a fresh mock broker process.
+    async fn lane_on(
+        &mut self,
+        broker: BrokerKind,
+        name: &str,
+        o: &Overrides,
+        partitions: i32,
+    ) -> Lane {
+        if broker == BrokerKind::Tansu && self.runs > 0 {
             self.broker.restart();
             self.procs.tansu = cpu::tansu_pid(self.broker.port);
         }
+        self.mock = None; // the previous mock lane's process, if any
         self.runs += 1;
         let schema = format!("b{}_{name}", self.runs);
         let topic = format!("{schema}.events");
+        let bootstrap = match broker {
+            BrokerKind::Tansu => self.broker.bootstrap(),
+            BrokerKind::Mock => {
+                let t = topic.clone();
+                let mock = tokio::task::spawn_blocking(move || {
+                    let mut mock = MockBroker::start();
+                    mock.create_topic(&t, partitions);
+                    mock
+                })
+                .await
+                .expect("start the mock broker");
+                self.procs.mock = Some(mock.pid());
+                let bootstrap = mock.bootstrap();
+                self.mock = Some(mock);
+                bootstrap
+            }
+        };
         let http_port = free_port();
         let config_text = config_toml(
             o,
@@ -170,17 +248,17 @@ impl Bench {
             &schema,
             &topic,
             &self.db_url,
-            &self.broker.bootstrap(),
+            &bootstrap,
             http_port,
         );
         let config = self.dir.path().join(format!("{schema}.toml"));
         std::fs::write(&config, &config_text).expect("write config");
         let log = self.dir.path().join(format!("{schema}.migrate.log"));
-        let bootstrap = self.broker.bootstrap();
-        let t = topic.clone();
-        let c = config.clone();
+        let (b, t, c) = (bootstrap.clone(), topic.clone(), config.clone());
         tokio::task::spawn_blocking(move || {
-            create_topic(&bootstrap, &t, partitions);
+            if broker == BrokerKind::Tansu {
+                create_topic(&b, &t, partitions);
+            }
             migrate(&c, &log);
         })
         .await
@@ -188,6 +266,7 @@ impl Bench {
         Lane {
             schema,
             topic,
+            bootstrap,
             config,
             config_text,
             http_port,
@@ -282,6 +361,9 @@ impl Bench {
 }
 
 fn main() {
+    if mock_broker::serve_if_child() {
+        return;
+    }
     // `cargo bench` passes --bench; `cargo test --benches` does not, and this is no test.
     if !std::env::args().any(|a| a == "--bench") {
         eprintln!(
@@ -359,6 +441,7 @@ async fn run(opts: Opts, t0: Instant) -> Report {
     let procs = cpu::Procs {
         postmaster: cpu::postmaster_pid(pg.data_dir()),
         tansu: cpu::tansu_pid(broker.port),
+        mock: None,
     };
     let mut b = Bench {
         procs,
@@ -368,6 +451,7 @@ async fn run(opts: Opts, t0: Instant) -> Report {
         db_url,
         pg,
         broker,
+        mock: None,
         dir: tempfile::Builder::new()
             .prefix("outbox-relay-bench-")
             .tempdir()
@@ -408,6 +492,14 @@ async fn run(opts: Opts, t0: Instant) -> Report {
             shipped.1.map(|v| v.to_string()).unwrap_or("?".into())
         ),
     ];
+    if b.opts.runs("latency") && b.opts.latency_brokers.contains(&BrokerKind::Mock) {
+        b.report.header.push(format!(
+            "[{}] (latency runs): librdkafka's mock cluster (rdkafka MockCluster, in memory, NOT a production broker), 1 broker in its own process on 127.0.0.1, fresh for every contender; there to tell the relay's own latency from tansu's. Latency consumer's fetch.wait.max.ms: {} ms on it, {} ms on tansu (neither answers an empty fetch sooner)",
+            BrokerKind::Mock.name(),
+            kafka::fetch_wait_ms(BrokerKind::Mock.fetch_wait_ms()),
+            kafka::fetch_wait_ms(BrokerKind::Tansu.fetch_wait_ms())
+        ));
+    }
 
     let n = b.opts.events;
     let batch = b.opts.batch;
@@ -485,8 +577,10 @@ async fn run(opts: Opts, t0: Instant) -> Report {
     }
     if b.opts.runs("latency") {
         for rate in b.opts.rates.clone() {
-            runs::latency(&mut b, rate, true).await;
-            runs::latency(&mut b, rate, false).await;
+            for broker in b.opts.latency_brokers.clone() {
+                runs::latency(&mut b, broker, rate, true).await;
+                runs::latency(&mut b, broker, rate, false).await;
+            }
         }
     }
     if b.opts.runs("big") {

@@ -6,6 +6,7 @@ use std::fmt::Write as _;
 use std::time::Duration;
 
 use crate::relay_process::ProcStats;
+use crate::BrokerKind;
 
 /// One contender emptying (or, when capped, working on) a backlog.
 #[derive(Debug, Clone)]
@@ -34,6 +35,9 @@ impl DrainRow {
 #[derive(Debug, Clone)]
 pub struct LatencyRow {
     pub label: String,
+    pub broker: BrokerKind,
+    /// Through the relay (else the broker alone).
+    pub through_relay: bool,
     pub target_rate: f64,
     pub achieved_rate: f64,
     /// Events per transaction (INSERT) of the writer.
@@ -192,10 +196,15 @@ impl Report {
         }
 
         if !self.latencies.is_empty() {
+            let w = self
+                .latencies
+                .iter()
+                .map(|l| l.label.len())
+                .fold(46, usize::max);
             let _ = writeln!(o);
             let _ = writeln!(
                 o,
-                "{:<46} {:>9} {:>6} {:>7} {:>7} {:>7} {:>7} {:>8} {:>10} {:>9}",
+                "{:<w$} {:>9} {:>6} {:>7} {:>7} {:>7} {:>7} {:>8} {:>10} {:>9}",
                 "LATENCY commit -> consumer (ms)",
                 "events/s",
                 "per tx",
@@ -215,7 +224,7 @@ impl Report {
                 };
                 let _ = writeln!(
                     o,
-                    "{:<46} {:>9} {:>6.1} {:>7} {:>7} {:>7} {:>7} {:>8} {:>10} {:>9}",
+                    "{:<w$} {:>9} {:>6.1} {:>7} {:>7} {:>7} {:>7} {:>8} {:>10} {:>9}",
                     l.label,
                     thousands(l.achieved_rate.round() as u64),
                     l.per_tx,
@@ -269,49 +278,80 @@ impl Report {
 
         let _ = writeln!(o);
         let _ = writeln!(o, "TARGETS (issue 6)");
+        // (label, verdict), printed in one column as wide as the longest label.
+        let mut targets: Vec<(String, String)> = Vec::new();
         for r in self.drains.iter().filter(|r| r.key.starts_with("relay")) {
             if let Some(l) = r.limit_key.as_deref().and_then(|k| self.row(k)) {
                 let ratio = r.rate() / l.rate();
-                let _ = writeln!(
-                    o,
-                    "  {:<60} {:.2} of the SQL-only limit (target >= 0.70): {}",
-                    r.label,
-                    ratio,
-                    if ratio >= 0.70 { "met" } else { "NOT met" }
-                );
+                targets.push((
+                    r.label.clone(),
+                    format!(
+                        "{ratio:.2} of the SQL-only limit (target >= 0.70): {}",
+                        if ratio >= 0.70 { "met" } else { "NOT met" }
+                    ),
+                ));
             }
         }
         for l in self
             .latencies
             .iter()
-            .filter(|l| l.label.starts_with("relay") && l.target_rate == 1000.0)
+            .filter(|l| l.through_relay && l.target_rate == 1000.0)
         {
             let p99 = quantile(&l.latencies, l.missing, 0.99);
-            let _ = writeln!(
-                o,
-                "  {:<60} p99 {} ms (target <= 15 ms): {}",
-                l.label,
-                ms(p99),
-                if p99.is_some_and(|v| v <= 15.0) && l.missing == 0 {
-                    "met"
-                } else {
-                    "NOT met"
-                }
-            );
+            targets.push((
+                l.label.clone(),
+                format!(
+                    "p99 {} ms (target <= 15 ms): {}",
+                    ms(p99),
+                    if p99.is_some_and(|v| v <= 15.0) && l.missing == 0 {
+                        "met"
+                    } else {
+                        "NOT met"
+                    }
+                ),
+            ));
+            // What the relay adds to the broker's own floor, on the same broker.
+            if let Some(floor) = self.latencies.iter().find(|f| {
+                !f.through_relay && f.broker == l.broker && f.target_rate == l.target_rate
+            }) {
+                let floor99 = quantile(&floor.latencies, floor.missing, 0.99);
+                let added = match (p99, floor99) {
+                    (Some(r), Some(f)) if r.is_finite() && f.is_finite() => {
+                        format!("{:+.1} ms", r - f)
+                    }
+                    _ => "-".into(),
+                };
+                targets.push((
+                    format!(
+                        "  added by the relay over the broker alone [{}]",
+                        l.broker.name()
+                    ),
+                    format!(
+                        "p99 {added} (relay {} ms - broker alone {} ms)",
+                        ms(p99),
+                        ms(floor99)
+                    ),
+                ));
+            }
         }
         if let Some(b) = &self.big {
             let peak = b.proc.map(|p| p.peak_rss_kib).unwrap_or(0);
-            let _ = writeln!(
-                o,
-                "  {:<60} peak RSS {} (target < 64 MiB): {}",
+            targets.push((
                 format!("draining {} events", thousands(b.events)),
-                mib(peak),
-                if peak > 0 && peak < 64 * 1024 && b.complete {
-                    "met"
-                } else {
-                    "NOT met"
-                }
-            );
+                format!(
+                    "peak RSS {} (target < 64 MiB): {}",
+                    mib(peak),
+                    if peak > 0 && peak < 64 * 1024 && b.complete {
+                        "met"
+                    } else {
+                        "NOT met"
+                    }
+                ),
+            ));
+        }
+        let w = targets.iter().map(|t| t.0.len()).fold(60, usize::max);
+        for (label, verdict) in &targets {
+            let _ = writeln!(o, "  {label:<w$} {verdict}");
         }
 
         if !self.breakdown.is_empty() {

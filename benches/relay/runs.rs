@@ -7,11 +7,13 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::kafka::{produce_all, relay_producer, send_sentinel, CountingConsumer, LatencyBook};
+use crate::kafka::{
+    produce_all, relay_producer, send_sentinel, CountingConsumer, LatencyBook, DRAIN_FETCH_WAIT_MS,
+};
 use crate::relay_process::{self, histogram, shipped_int, Overrides, RelayProcess};
 use crate::report::{thousands, DrainRow, LatencyRow};
 use crate::workload::{self, BrokerRecord};
-use crate::{cpu, Bench};
+use crate::{cpu, Bench, BrokerKind};
 
 /// The broker alone: the same records, produced with the relay's producer settings.
 /// One record per partition goes first, unmeasured, so connections and metadata are
@@ -25,11 +27,12 @@ pub async fn broker_limit(b: &mut Bench, n: u64) {
     let warm = (b.opts.partitions as usize).min(records.len());
     produce_all(&producer, &lane.topic, &records[..warm]).await;
     let consumer = CountingConsumer::start(
-        &b.broker.bootstrap(),
+        &lane.bootstrap,
         &lane.topic,
         lane.partitions,
         n + warm as u64,
         None,
+        DRAIN_FETCH_WAIT_MS,
     );
     let got = consumer
         .wait_count(warm as u64, Duration::from_secs(30))
@@ -235,11 +238,12 @@ pub async fn relay_drain(
     progress!(b.t0, "{label}: loading {} events", thousands(n));
     workload::load_backlog(&b.admin, &lane.schema, n).await;
     let consumer = CountingConsumer::start(
-        &b.broker.bootstrap(),
+        &lane.bootstrap,
         &lane.topic,
         lane.partitions,
         n + 1,
         None,
+        DRAIN_FETCH_WAIT_MS,
     );
     send_sentinel(&relay_producer(&lane.config_text), &lane.topic).await;
     let got = consumer.wait_count(1, Duration::from_secs(30)).await;
@@ -345,8 +349,14 @@ pub async fn naive(b: &mut Bench, n: u64) {
     workload::load_backlog(&b.admin, &lane.schema, n).await;
     let producer = relay_producer(&lane.config_text);
     let mut client = workload::connect(&b.db_url).await;
-    let consumer =
-        CountingConsumer::start(&b.broker.bootstrap(), &lane.topic, lane.partitions, n, None);
+    let consumer = CountingConsumer::start(
+        &lane.bootstrap,
+        &lane.topic,
+        lane.partitions,
+        n,
+        None,
+        DRAIN_FETCH_WAIT_MS,
+    );
     progress!(
         b.t0,
         "naive relay: running for up to {} s",
@@ -391,31 +401,32 @@ pub async fn naive(b: &mut Bench, n: u64) {
 /// How long the consumer is given after a latency run's writer stops.
 const LATENCY_GRACE: Duration = Duration::from_secs(10);
 
-/// Commit-to-consumer latency at a steady `rate`: through the relay (defaults plus
-/// process_interval 5s, so wake-up comes from NOTIFY) or the broker alone.
-pub async fn latency(b: &mut Bench, rate: u64, through_relay: bool) {
+/// Commit-to-consumer latency at a steady `rate` on `broker`: through the relay
+/// (defaults plus process_interval 5s, so wake-up comes from NOTIFY) or the broker alone.
+pub async fn latency(b: &mut Bench, broker: BrokerKind, rate: u64, through_relay: bool) {
     let o = Overrides {
         process_interval: Some("5s"),
         ..Overrides::default()
     };
-    let lane = b
-        .lane(
-            if through_relay { "lat" } else { "latbroker" },
-            &o,
-            b.opts.latency_partitions,
-        )
-        .await;
+    let name = match (broker, through_relay) {
+        (BrokerKind::Tansu, true) => "lat",
+        (BrokerKind::Tansu, false) => "latbroker",
+        (BrokerKind::Mock, true) => "latmock",
+        (BrokerKind::Mock, false) => "latbrokermock",
+    };
+    let lane = b.lane_on(broker, name, &o, b.opts.latency_partitions).await;
     let templates: Vec<BrokerRecord> = workload::template_records(&b.admin, 10_000).await;
     let warm = rate;
     let measured = (rate as f64 * b.opts.latency_secs) as u64;
     let total = warm + measured;
     let book = Arc::new(LatencyBook::new(total));
     let consumer = CountingConsumer::start(
-        &b.broker.bootstrap(),
+        &lane.bootstrap,
         &lane.topic,
         lane.partitions,
         total,
         Some(book.clone()),
+        broker.fetch_wait_ms(),
     );
     let what = if through_relay {
         "relay"
@@ -424,21 +435,24 @@ pub async fn latency(b: &mut Bench, rate: u64, through_relay: bool) {
     };
     let label = if through_relay {
         format!(
-            "relay @ {}/s (default.toml {}/{}, NOTIFY)",
+            "relay @ {}/s (default.toml {}/{}, NOTIFY) [{}]",
             thousands(rate),
             shipped_int("batch_size").map_or("?".into(), |v| v.to_string()),
-            shipped_int("delete_batch_size").map_or("?".into(), |v| v.to_string())
+            shipped_int("delete_batch_size").map_or("?".into(), |v| v.to_string()),
+            broker.name()
         )
     } else {
         format!(
-            "broker alone @ {}/s (producer -> consumer)",
-            thousands(rate)
+            "broker alone @ {}/s (producer -> consumer) [{}]",
+            thousands(rate),
+            broker.name()
         )
     };
     progress!(
         b.t0,
-        "latency, {what} at {}/s: 1 s warm-up, then {} s",
+        "latency, {what} at {}/s on {}: 1 s warm-up, then {} s",
         thousands(rate),
+        broker.name(),
         b.opts.latency_secs
     );
     let mut relay = None;
@@ -493,13 +507,18 @@ pub async fn latency(b: &mut Bench, rate: u64, through_relay: bool) {
     }
     let (latencies, missing) = book.latencies_ms(warm..total);
     if got < total {
-        eprintln!("latency, {what} at {rate}/s: only {got} of {total} events arrived");
+        eprintln!(
+            "latency, {what} at {rate}/s on {}: only {got} of {total} events arrived",
+            broker.name()
+        );
     }
     b.report.breakdown.push(format!("latency, {label}:"));
     let line = b.cpu_split(&c0, &c1);
     b.report.breakdown.push(line);
     b.report.latencies.push(LatencyRow {
         label,
+        broker,
+        through_relay,
         target_rate: rate as f64,
         achieved_rate: stats.rate(),
         per_tx: stats.events as f64 / stats.transactions.max(1) as f64,
