@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use deadpool_postgres::Pool;
-use futures::future::{join_all, BoxFuture};
+use futures::future::BoxFuture;
 use futures::stream::{FuturesOrdered, StreamExt};
 use rdkafka::producer::FutureRecord;
 use tokio::sync::mpsc::UnboundedReceiver;
@@ -735,11 +735,20 @@ impl Source {
             producer,
         } = in_flight;
         let hold_after_dead = self.relay.retry.after_dead_letter == AfterDeadLetter::Block;
-        let (index, futures): (Vec<usize>, Vec<_>) = pending.into_iter().unzip();
         // librdkafka resolves every delivery within message.timeout.ms (operation_timeout);
         // the margin only guards against a lost callback.
         let deadline = self.relay.operation_timeout + Duration::from_secs(5);
-        let results = match tokio::time::timeout(deadline, join_all(futures)).await {
+        // Awaited one after the other: acknowledgements arrive roughly in send order, so
+        // this task wakes about once per produce response, not once per record as a
+        // join of a thousand futures would.
+        let collect = async move {
+            let mut results = Vec::with_capacity(pending.len());
+            for (i, delivery) in pending {
+                results.push((i, delivery.await));
+            }
+            results
+        };
+        let results = match tokio::time::timeout(deadline, collect).await {
             Ok(r) => r,
             Err(_) => {
                 settled.transport = Some(Failure {
@@ -756,7 +765,7 @@ impl Source {
             }
         };
         let mut broken: Option<String> = None;
-        for (i, r) in index.into_iter().zip(results) {
+        for (i, r) in results {
             let e = &batch[i];
             let failure = match r {
                 Ok(Ok(_delivery)) => {
