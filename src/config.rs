@@ -889,7 +889,8 @@ topic = "t"
             names,
             ["customer", "product", "product-admin", "product-loader"]
         );
-        assert_eq!(s.batch_size, 10);
+        assert_eq!((s.batch_size, s.delete_batch_size), (100, 100));
+        assert_eq!(s.in_flight_batches, 4);
         assert_eq!(s.kafka.properties["compression.type"], "lz4");
     }
 
