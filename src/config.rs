@@ -802,6 +802,9 @@ topic = "customer.events"
         let err = Settings::from_parts(Some(ONE_SOURCE), &env(&[("outbox_bach_size", "25")]))
             .unwrap_err();
         assert!(err.to_string().contains("bach_size: unknown key"), "{err}");
+        let s = Settings::from_parts(Some(ONE_SOURCE), &env(&[("OUTBOX_IN_FLIGHT_BATCHES", "1")]))
+            .unwrap();
+        assert_eq!(s.in_flight_batches, 1);
     }
 
     #[test]
@@ -809,6 +812,7 @@ topic = "customer.events"
         let toml = r#"
 batch_sise = 5
 batch_size = 0
+in_flight_batches = 65
 process_interval = "soon"
 [kafka]
 brokers = ""
@@ -826,6 +830,7 @@ schema = "b"
         for needle in [
             "batch_sise: unknown key",
             "batch_size: 0 is outside",
+            "in_flight_batches: 65 is outside",
             "process_interval:",
             "kafka.brokers:",
             "kafka.properties.acks:",
