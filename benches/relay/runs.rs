@@ -118,7 +118,11 @@ pub async fn sql_limit(
         thousands(n)
     );
     workload::load_backlog(&b.admin, &lane.schema, n).await;
-    let client = workload::connect(&b.db_url).await;
+    // A pooled connection, as the relay's own claims and deletes use.
+    let pool = outbox_relay::db::DatabaseUrl::parse(&b.db_url)
+        .and_then(|u| u.pool(1, Duration::from_secs(30)))
+        .expect("pool for the SQL-only limit");
+    let client = pool.get().await.expect("connection for the SQL-only limit");
     b.reset_statements().await;
     progress!(b.t0, "SQL-only limit, {label}: draining");
     let c0 = cpu::sample(&b.procs, None);

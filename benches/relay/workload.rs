@@ -8,6 +8,7 @@
 use std::time::{Duration, Instant};
 
 use futures::future::join_all;
+use outbox_relay::source::store::Store;
 use rdkafka::client::ClientContext;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -133,94 +134,34 @@ pub async fn pending(client: &Client, schema: &str) -> i64 {
         .get(0)
 }
 
-/// The relay's claim statement, copied from `src/source/store.rs` (`Store::new`, the
-/// `claim` variant with `after_dead_letter = "continue"`). Keep the two in step.
-pub fn claim_sql(schema: &str) -> String {
-    let s = format!("\"{schema}\"");
-    format!(
-        "SELECT o.id, o.event_id, o.aggregate_type, o.aggregate_id, o.event_type, \
-         o.payload::text, o.topic, o.headers::text, o.correlation_id, o.idempotency_token, \
-         o.created_at, o.retry_count, COALESCE(o.max_retries, $2::int) \
-         FROM {s}.outbox o WHERE (o.next_attempt_at IS NULL OR o.next_attempt_at <= now()) \
-         AND NOT EXISTS (SELECT 1 FROM {s}.outbox w \
-             WHERE w.next_attempt_at IS NOT NULL AND w.next_attempt_at > now() \
-             AND w.aggregate_type = o.aggregate_type AND w.aggregate_id = o.aggregate_id \
-             AND w.id < o.id) \
-         ORDER BY o.id LIMIT $1"
-    )
-}
-
-/// The relay's delete statement, copied from `src/source/store.rs`.
-pub fn delete_sql(schema: &str) -> String {
-    format!("DELETE FROM \"{schema}\".outbox WHERE id = ANY($1)")
-}
-
-/// One claimed row, decoded into the same types the relay decodes, so the client-side
-/// work of the limit matches the relay's.
-#[allow(dead_code)]
-struct ClaimedRow {
-    id: i64,
-    event_id: uuid::Uuid,
-    aggregate_type: String,
-    aggregate_id: String,
-    event_type: String,
-    payload: Option<String>,
-    topic: Option<String>,
-    headers: Option<String>,
-    correlation_id: Option<String>,
-    idempotency_token: Option<String>,
-    created_at: std::time::SystemTime,
-    retry_count: i32,
-    max_retries: i32,
-}
-
-/// The SQL-only limit: the relay's claim and delete statements in a loop, with no
-/// Kafka: claim `batch` rows, delete them `delete_batch` ids per statement, until the
-/// outbox is empty or `deadline` passes. Returns (rows drained, elapsed).
-pub async fn drain_sql_only(
-    client: &Client,
+/// The SQL-only limit: the relay's own claim and delete (`outbox_relay::source::store::
+/// Store`, the statements and row decoding the relay uses, with nothing in flight) in a
+/// loop, with no Kafka: claim `batch` rows, delete them `delete_batch` ids per
+/// statement, until the outbox is empty or `deadline` passes. Returns (rows drained,
+/// elapsed).
+pub async fn drain_sql_only<C: deadpool_postgres::GenericClient>(
+    client: &C,
     schema: &str,
     batch: i64,
     delete_batch: usize,
     deadline: Duration,
 ) -> (u64, Duration) {
-    let claim = client
-        .prepare(&claim_sql(schema))
-        .await
-        .expect("prepare claim");
-    let delete = client
-        .prepare(&delete_sql(schema))
-        .await
-        .expect("prepare delete");
+    let store = Store::new(schema);
     let started = Instant::now();
     let mut drained = 0u64;
     while started.elapsed() < deadline {
-        let rows = client.query(&claim, &[&batch, &3i32]).await.expect("claim");
-        if rows.is_empty() {
+        let claimed = store
+            .claim(client, batch, 3, false, &[])
+            .await
+            .expect("claim");
+        if claimed.is_empty() {
             break;
         }
-        let claimed: Vec<ClaimedRow> = rows
-            .iter()
-            .map(|r| ClaimedRow {
-                id: r.get(0),
-                event_id: r.get(1),
-                aggregate_type: r.get(2),
-                aggregate_id: r.get(3),
-                event_type: r.get(4),
-                payload: r.get(5),
-                topic: r.get(6),
-                headers: r.get(7),
-                correlation_id: r.get(8),
-                idempotency_token: r.get(9),
-                created_at: r.get(10),
-                retry_count: r.get(11),
-                max_retries: r.get(12),
-            })
-            .collect();
-        let ids: Vec<i64> = claimed.iter().map(|r| r.id).collect();
-        for part in ids.chunks(delete_batch.max(1)) {
-            drained += client.execute(&delete, &[&part]).await.expect("delete");
-        }
+        let ids: Vec<i64> = claimed.iter().map(|e| e.id).collect();
+        drained += store
+            .delete(client, &ids, delete_batch)
+            .await
+            .expect("delete");
     }
     (drained, started.elapsed())
 }
