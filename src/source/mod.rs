@@ -171,6 +171,8 @@ struct Landed {
     seq: u64,
     batch: Vec<Event>,
     settled: Settled,
+    /// Aggregates added to the holds when the batch was sent.
+    counted: HashSet<Aggregate>,
     claimed_at: Instant,
     sent_at: Instant,
 }
@@ -402,6 +404,13 @@ impl Source {
         let mut ready: VecDeque<Ready> = VecDeque::new();
         let mut want_claim = true;
         let mut paused_until: Option<tokio::time::Instant> = None;
+        // After a Kafka failure nothing new goes out until every flight has landed: the
+        // retried rows then never queue behind later rows still out (on a producer that
+        // may since have been replaced).
+        let mut quiesce = false;
+        // The running claim's result must be dropped: rows it left out as in flight or
+        // waiting were dropped meanwhile, so it may hold their aggregates' later events.
+        let mut claim_stale = false;
         let mut poll_at = tokio::time::Instant::now() + interval;
         let mut listening = true;
         let mut ending: Option<Ended> = None;
@@ -433,32 +442,23 @@ impl Source {
                     .unwrap_or(u64::MAX);
                 holds.retain(|_, h| h.unsettled > 0 || h.settled_at > oldest);
             }
-            // A claimed batch goes out when a slot is free.
-            let mut to_send = None;
-            if paused_until.is_none() && flights.len() < depth {
-                if let Some(r) = ready.pop_front() {
-                    let events: Vec<Event> = if holds.is_empty() {
-                        r.events
-                    } else {
-                        r.events
-                            .into_iter()
-                            .filter(|e| !held_for(&holds, e, r.gen))
-                            .collect()
-                    };
-                    if !events.is_empty() {
-                        let seq = next_seq;
-                        next_seq += 1;
-                        owned.push_back((seq, events.iter().map(|e| e.id).collect()));
-                        to_send = Some((seq, events, r.claimed_at));
-                    }
-                }
+            if quiesce && flights.is_empty() {
+                quiesce = false;
             }
+            let free = if paused_until.is_none() && !quiesce {
+                depth.saturating_sub(flights.len())
+            } else {
+                0
+            };
             // Claim the next batch while earlier ones are out, unless a failure is still
-            // to be recorded (the claim could not skip the failed aggregates yet).
+            // to be recorded (the claim could not skip the failed aggregates yet). It
+            // starts before the ready batches are handed over, so PostgreSQL reads while
+            // this task works, and leaves out their ids with the ones in flight.
             if want_claim
                 && ending.is_none()
                 && paused_until.is_none()
-                && ready.len() < READY_AHEAD
+                && !quiesce
+                && ready.len().saturating_sub(free) < READY_AHEAD
                 && claiming.is_none()
                 && holds.values().all(|h| h.unsettled == 0)
             {
@@ -481,15 +481,61 @@ impl Source {
                 poll_at = tokio::time::Instant::now() + interval;
                 claiming = Some(self.claim(block, exclude));
             }
-            if let Some((seq, events, claimed_at)) = to_send {
+            // Claimed batches go out while slots are free, each filtered by the holds
+            // as they stand after the one before it.
+            while paused_until.is_none() && !quiesce && flights.len() < depth {
+                let Some(r) = ready.pop_front() else {
+                    break;
+                };
+                let claimed = r.events.len();
+                let events: Vec<Event> = if holds.is_empty() {
+                    r.events
+                } else {
+                    r.events
+                        .into_iter()
+                        .filter(|e| !held_for(&holds, e, r.gen))
+                        .collect()
+                };
+                if events.len() < claimed {
+                    // The dropped rows stay in the outbox. Later batches, and the running
+                    // claim, left them out as taken and may hold their aggregates' later
+                    // events: those are claimed afresh.
+                    ready.clear();
+                    claim_stale |= claiming.is_some();
+                    want_claim = true;
+                }
+                if events.is_empty() {
+                    continue;
+                }
+                let seq = next_seq;
+                next_seq += 1;
+                owned.push_back((seq, events.iter().map(|e| e.id).collect()));
+                let claimed_at = r.claimed_at;
                 let sent_at = Instant::now();
                 let in_flight = self.send(&events);
+                // Failures known before the producer took the records hold their
+                // aggregates now, not when the batch lands.
+                let counted = in_flight.settled.held.clone();
+                for key in &counted {
+                    holds.entry(key.clone()).or_default().unsettled += 1;
+                }
+                if let Some(f) = &in_flight.settled.transport {
+                    if seq >= kafka_retry_from {
+                        let pause = self.kafka_down(&mut kafka_outage, f);
+                        paused_until = Some(later(paused_until, pause));
+                        kafka_retry_from = next_seq;
+                    }
+                    ready.clear();
+                    claim_stale |= claiming.is_some();
+                    quiesce = true;
+                }
                 flights.push_back(Box::pin(async move {
                     let settled = self.acks(&events, in_flight).await;
                     Landed {
                         seq,
                         batch: events,
                         settled,
+                        counted,
                         claimed_at,
                         sent_at,
                     }
@@ -512,28 +558,21 @@ impl Source {
                             e2e_hist.observe(age.as_secs_f64());
                         }
                     }
-                    for key in &l.settled.held {
+                    for key in l.settled.held.difference(&l.counted) {
                         holds.entry(key.clone()).or_default().unsettled += 1;
                     }
                     match &l.settled.transport {
                         Some(f) => {
-                            // Hold everything back until the pause is over; what is still
-                            // out lands (or fails) on its own.
-                            ready.clear();
-                            if paused_until.is_none() {
-                                self.metrics
-                                    .kafka_outage
-                                    .with_label_values(&[self.name()])
-                                    .set(1);
-                                self.state.set_error(f.message.clone());
-                                let pause = kafka_outage.failed(
-                                    self.name(),
-                                    &f.message,
-                                    self.relay.retry.backoff_base,
-                                );
-                                paused_until = Some(tokio::time::Instant::now() + pause);
+                            // Nothing new goes out until the pause is over and everything
+                            // still out has landed (or failed) on its own.
+                            if l.seq >= kafka_retry_from {
+                                let pause = self.kafka_down(&mut kafka_outage, f);
+                                paused_until = Some(later(paused_until, pause));
                                 kafka_retry_from = next_seq;
                             }
+                            ready.clear();
+                            claim_stale |= claiming.is_some();
+                            quiesce = true;
                         }
                         None if kafka_outage.active() && l.seq >= kafka_retry_from => {
                             self.metrics
@@ -549,6 +588,7 @@ impl Source {
                 r = async { claiming.as_mut().expect("guarded").await }, if claiming.is_some() => {
                     claiming = None;
                     match r {
+                        Ok(_) if std::mem::take(&mut claim_stale) => want_claim = true,
                         Ok(events) => {
                             self.db_ok(db_outage);
                             // A full batch says more rows are waiting: claim the next one
@@ -563,8 +603,9 @@ impl Source {
                             }
                         }
                         Err(e) => {
+                            claim_stale = false;
                             let pause = self.db_down(db_outage, &e);
-                            paused_until = Some(tokio::time::Instant::now() + pause);
+                            paused_until = Some(later(paused_until, pause));
                         }
                     }
                 }
@@ -588,7 +629,7 @@ impl Source {
                             // Delivered rows that were not deleted go out again:
                             // duplicates, never loss.
                             let pause = self.db_down(db_outage, &e);
-                            paused_until = Some(tokio::time::Instant::now() + pause);
+                            paused_until = Some(later(paused_until, pause));
                         }
                     }
                 }
@@ -615,6 +656,16 @@ impl Source {
                 _ = cancel.cancelled(), if ending.is_none() => {}
             }
         }
+    }
+
+    /// Kafka failed a batch: show it, and say how long to pause.
+    fn kafka_down(&self, outage: &mut Outage, f: &Failure) -> Duration {
+        self.metrics
+            .kafka_outage
+            .with_label_values(&[self.name()])
+            .set(1);
+        self.state.set_error(f.message.clone());
+        outage.failed(self.name(), &f.message, self.relay.retry.backoff_base)
     }
 
     /// A PostgreSQL operation failed: count it, show it, and say how long to pause.
@@ -961,6 +1012,12 @@ impl Source {
             .await
             .map_err(|_| format!("settle batch: timed out after {timeout:?}"))?
     }
+}
+
+/// The later of an existing pause's end and `pause` from now.
+fn later(until: Option<tokio::time::Instant>, pause: Duration) -> tokio::time::Instant {
+    let end = tokio::time::Instant::now() + pause;
+    until.map_or(end, |u| u.max(end))
 }
 
 /// Sleeps for `d` unless cancelled first; returns true when cancelled.
