@@ -415,6 +415,22 @@ impl Source {
         let mut listening = true;
         let mut ending: Option<Ended> = None;
 
+        // Kafka failed the batch sent as `seq`: pause (once per round of batches sent
+        // after the last failure), drop what was claimed, and send nothing new until
+        // every batch still out has landed (or failed) on its own.
+        macro_rules! kafka_failed {
+            ($seq:expr, $f:expr) => {{
+                if $seq >= kafka_retry_from {
+                    let pause = self.kafka_down(&mut kafka_outage, $f);
+                    paused_until = Some(later(paused_until, pause));
+                    kafka_retry_from = next_seq;
+                }
+                ready.clear();
+                claim_stale |= claiming.is_some();
+                quiesce = true;
+            }};
+        }
+
         loop {
             self.state.beat();
             if ending.is_none() && cancel.is_cancelled() {
@@ -520,14 +536,7 @@ impl Source {
                     holds.entry(key.clone()).or_default().unsettled += 1;
                 }
                 if let Some(f) = &in_flight.settled.transport {
-                    if seq >= kafka_retry_from {
-                        let pause = self.kafka_down(&mut kafka_outage, f);
-                        paused_until = Some(later(paused_until, pause));
-                        kafka_retry_from = next_seq;
-                    }
-                    ready.clear();
-                    claim_stale |= claiming.is_some();
-                    quiesce = true;
+                    kafka_failed!(seq, f);
                 }
                 flights.push_back(Box::pin(async move {
                     let settled = self.acks(&events, in_flight).await;
@@ -562,18 +571,7 @@ impl Source {
                         holds.entry(key.clone()).or_default().unsettled += 1;
                     }
                     match &l.settled.transport {
-                        Some(f) => {
-                            // Nothing new goes out until the pause is over and everything
-                            // still out has landed (or failed) on its own.
-                            if l.seq >= kafka_retry_from {
-                                let pause = self.kafka_down(&mut kafka_outage, f);
-                                paused_until = Some(later(paused_until, pause));
-                                kafka_retry_from = next_seq;
-                            }
-                            ready.clear();
-                            claim_stale |= claiming.is_some();
-                            quiesce = true;
-                        }
+                        Some(f) => kafka_failed!(l.seq, f),
                         None if kafka_outage.active() && l.seq >= kafka_retry_from => {
                             self.metrics
                                 .kafka_outage
