@@ -2,13 +2,17 @@
 //! dedicated connections.
 
 use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use native_tls::{Certificate, TlsConnector};
-use postgres_native_tls::MakeTlsConnector;
 use serde::Serialize;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_postgres::config::SslMode;
+use tokio_postgres::tls::{MakeTlsConnect, TlsConnect};
 
 /// How the server's certificate is checked, as libpq's `sslmode` says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,6 +33,8 @@ pub struct DatabaseUrl {
     verify: Verify,
     root_cert: Option<String>,
     redacted: String,
+    /// Built once for every connection to this database: see [`Tls`].
+    tls: Arc<Mutex<Option<TlsConnector>>>,
 }
 
 impl DatabaseUrl {
@@ -109,6 +115,7 @@ impl DatabaseUrl {
             verify,
             root_cert,
             redacted,
+            tls: Arc::default(),
         })
     }
 
@@ -135,8 +142,19 @@ impl DatabaseUrl {
         c
     }
 
-    /// The TLS connector this URL's `sslmode` asks for.
-    pub fn tls(&self) -> Result<MakeTlsConnector, String> {
+    /// The TLS connector this URL's `sslmode` asks for. With a root certificate or a
+    /// `verify-*` mode it is built now, so a bad certificate file fails at start; under
+    /// `prefer` and `require` it is built at the first handshake a server accepts.
+    pub fn tls(&self) -> Result<Tls, String> {
+        let tls = Tls { url: self.clone() };
+        if self.root_cert.is_some() || self.verify != Verify::None {
+            tls.connector()?;
+        }
+        Ok(tls)
+    }
+
+    /// Builds the connector: the system's CA bundle, plus `sslrootcert`.
+    fn build_tls(&self) -> Result<TlsConnector, String> {
         let mut b = TlsConnector::builder();
         if let Some(path) = &self.root_cert {
             let pem = std::fs::read(path).map_err(|e| format!("sslrootcert {path}: {e}"))?;
@@ -154,8 +172,7 @@ impl DatabaseUrl {
             }
             Verify::Full => {}
         }
-        let connector = b.build().map_err(|e| format!("TLS setup: {e}"))?;
-        Ok(MakeTlsConnector::new(connector))
+        b.build().map_err(|e| format!("TLS setup: {e}"))
     }
 
     /// Whether the URL asks for TLS at all.
@@ -309,6 +326,78 @@ pub fn redact(url: &str) -> String {
         .join(" ")
 }
 
+/// The TLS side of one database's connections. Building a connector loads the
+/// system's CA bundle, tens of milliseconds of CPU: it is built once per database URL
+/// and shared by the pool and the lock connection, and only when a server accepts TLS,
+/// so a `prefer` connection to a server without TLS never pays for it.
+#[derive(Clone)]
+pub struct Tls {
+    url: DatabaseUrl,
+}
+
+impl Tls {
+    /// The connector, built on first use.
+    fn connector(&self) -> Result<TlsConnector, String> {
+        let mut built = self.url.tls.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = built.as_ref() {
+            return Ok(c.clone());
+        }
+        let c = self.url.build_tls()?;
+        *built = Some(c.clone());
+        Ok(c)
+    }
+}
+
+impl<S> MakeTlsConnect<S> for Tls
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    type Stream = postgres_native_tls::TlsStream<S>;
+    type TlsConnect = Handshake;
+    type Error = std::convert::Infallible;
+
+    fn make_tls_connect(&mut self, domain: &str) -> Result<Handshake, Self::Error> {
+        Ok(Handshake {
+            tls: self.clone(),
+            domain: domain.to_string(),
+        })
+    }
+}
+
+/// One connection's TLS handshake, run only if the server accepts TLS.
+pub struct Handshake {
+    tls: Tls,
+    domain: String,
+}
+
+type HandshakeFuture<S> = Pin<
+    Box<
+        dyn Future<
+                Output = Result<
+                    postgres_native_tls::TlsStream<S>,
+                    Box<dyn std::error::Error + Send + Sync>,
+                >,
+            > + Send,
+    >,
+>;
+
+impl<S> TlsConnect<S> for Handshake
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    type Stream = postgres_native_tls::TlsStream<S>;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+    type Future = HandshakeFuture<S>;
+
+    fn connect(self, stream: S) -> Self::Future {
+        Box::pin(async move {
+            let connector = self.tls.connector()?;
+            let handshake = postgres_native_tls::TlsConnector::new(connector, &self.domain);
+            Ok(handshake.connect(stream).await?)
+        })
+    }
+}
+
 /// An error with its causes, `outer: inner: root`, so a TLS or network failure says why.
 pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut out = e.to_string();
@@ -372,5 +461,21 @@ mod tests {
                 .identity(),
             "h:6432/db"
         );
+    }
+
+    #[test]
+    fn a_missing_root_certificate_fails_before_any_connection() {
+        let u = DatabaseUrl::parse(
+            "postgres://u@h/db?sslmode=verify-full&sslrootcert=/nonexistent/ca.pem",
+        )
+        .unwrap();
+        let Err(err) = u.pool(2, Duration::from_secs(1)) else {
+            panic!("a pool with a missing sslrootcert");
+        };
+        assert!(err.contains("sslrootcert /nonexistent/ca.pem"), "{err}");
+        let Err(err) = u.tls() else {
+            panic!("a connector with a missing sslrootcert");
+        };
+        assert!(err.contains("sslrootcert /nonexistent/ca.pem"), "{err}");
     }
 }

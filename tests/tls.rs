@@ -101,6 +101,21 @@ async fn encrypted(url: &str) -> Result<bool, String> {
     Ok(row.get(0))
 }
 
+/// Whether a pooled connection to `url` is encrypted.
+async fn pool_encrypted(url: &str) -> Result<bool, String> {
+    let u = DatabaseUrl::parse(url)?;
+    let pool = u.pool(2, TIMEOUT)?;
+    let client = pool.get().await.map_err(|e| e.to_string())?;
+    let row = client
+        .query_one(
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(row.get(0))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sslmodes_require_and_verify_full_work_and_a_wrong_ca_is_refused() {
     let pg = PgServer::start();
@@ -130,6 +145,17 @@ async fn sslmodes_require_and_verify_full_work_and_a_wrong_ca_is_refused() {
     assert_eq!(
         encrypted(&format!("{base}?sslmode=require")).await,
         Ok(true)
+    );
+    // prefer, the default: encrypted when the server offers TLS, on the lock
+    // connection and in the pool alike (the connector is built at the first handshake).
+    assert_eq!(encrypted(&base).await, Ok(true));
+    assert_eq!(
+        pool_encrypted(&format!("{base}?sslmode=prefer")).await,
+        Ok(true)
+    );
+    assert_eq!(
+        pool_encrypted(&format!("{base}?sslmode=disable")).await,
+        Ok(false)
     );
     let ca = certs.path().join("relay-test-ca.pem");
     let full = format!(
