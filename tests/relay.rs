@@ -314,3 +314,107 @@ async fn a_disabled_relay_publishes_nothing_and_never_blocks_an_enabled_one() {
     enabled.stop().await;
     disabled.stop().await;
 }
+
+/// The claim returns exactly the rows the relay does not hold, lowest ids first, in both
+/// of its forms (gaps between held ids, or the held ids listed), and finds a row that
+/// commits late into a gap between held ids.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_claim_returns_the_rows_not_held_in_id_order_and_finds_late_commits() {
+    use outbox_relay::db::DatabaseUrl;
+    use outbox_relay::source::store::Store;
+
+    let pg = PgServer::start();
+    let src = TestSource::new(&pg, "postgres", "claim");
+    let s = settings(&toml(&[&src], "127.0.0.1:9", ""));
+    migrate(&s).await;
+    insert_events(&pg, "postgres", &src.schema, 40, 3, 0);
+    let pool = DatabaseUrl::parse(&src.url)
+        .unwrap()
+        .pool(2, DEADLINE)
+        .unwrap();
+    let client = pool.get().await.unwrap();
+    let store = Store::new(&src.schema);
+    let ids: Vec<i64> = pg
+        .psql(
+            "postgres",
+            &format!(
+                "SELECT string_agg(id::text, ',' ORDER BY id) FROM {}.outbox",
+                src.schema
+            ),
+        )
+        .split(',')
+        .map(|i| i.parse().unwrap())
+        .collect();
+    assert_eq!(ids.len(), 40);
+    let first = ids[0];
+    let id = |k: i64| first + k;
+
+    let claim = |limit: i64, held: Vec<i64>| {
+        let (store, client) = (&store, &client);
+        async move {
+            let mut got = Vec::new();
+            for block in [false, true] {
+                let rows = store.claim(client, limit, 3, block, &held).await.unwrap();
+                got.push(rows.iter().map(|e| e.id).collect::<Vec<_>>());
+            }
+            assert_eq!(got[0], got[1], "both dead-letter policies claim alike here");
+            got.remove(0)
+        }
+    };
+    let not_held = |held: &[i64], limit: usize| -> Vec<i64> {
+        ids.iter()
+            .copied()
+            .filter(|i| !held.contains(i))
+            .take(limit)
+            .collect()
+    };
+
+    // Nothing held; a contiguous head held; scattered holds (gaps listed); holds so
+    // sparse that the list form is used; a limit that spans the ids below and above.
+    let cases: Vec<(i64, Vec<i64>)> = vec![
+        (10, vec![]),
+        (10, (0..10).map(id).collect()),
+        (100, [3, 4, 7, 9, 12, 13, 14, 15].map(id).to_vec()),
+        (100, [1, 38].map(id).to_vec()),
+        (6, (4..10).map(id).collect()),
+    ];
+    for (limit, held) in cases {
+        assert_eq!(
+            claim(limit, held.clone()).await,
+            not_held(&held, limit as usize),
+            "held {held:?}"
+        );
+    }
+
+    // A row that commits late, into a gap between held ids.
+    let (late_tx, late_conn) = tokio_postgres::connect(&src.url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(late_conn);
+    late_tx.batch_execute("BEGIN").await.unwrap();
+    let late: i64 = late_tx
+        .query_one(
+            &format!(
+                "INSERT INTO {}.outbox (aggregate_type, aggregate_id, event_type, payload) \
+                 VALUES ('order', 'late', 'OrderChanged', '{{}}') RETURNING id",
+                src.schema
+            ),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    insert_events(&pg, "postgres", &src.schema, 1, 1, 0);
+    let after: i64 = pg
+        .psql(
+            "postgres",
+            &format!("SELECT max(id) FROM {}.outbox", src.schema),
+        )
+        .parse()
+        .unwrap();
+    assert!(after > late);
+    let held: Vec<i64> = ids.iter().copied().chain([after]).collect();
+    assert_eq!(claim(100, held.clone()).await, Vec::<i64>::new());
+    late_tx.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(claim(100, held).await, vec![late]);
+}
