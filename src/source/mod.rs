@@ -496,6 +496,11 @@ impl Source {
                 claim_started = Instant::now();
                 poll_at = tokio::time::Instant::now() + interval;
                 claiming = Some(self.claim(block, exclude));
+                // Let the claim's task start its query before this task hands a batch to
+                // the producer: a task spawned from a worker waits in that worker's
+                // unstealable next-task slot until the spawner yields, and a send of a
+                // thousand records held the claim back 3 ms at the median, 20 ms at worst.
+                tokio::task::yield_now().await;
             }
             // Claimed batches go out while slots are free, each filtered by the holds
             // as they stand after the one before it.
