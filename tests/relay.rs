@@ -327,7 +327,7 @@ async fn the_claim_returns_the_rows_not_held_in_id_order_and_finds_late_commits(
     let src = TestSource::new(&pg, "postgres", "claim");
     let s = settings(&toml(&[&src], "127.0.0.1:9", ""));
     migrate(&s).await;
-    insert_events(&pg, "postgres", &src.schema, 40, 3, 0);
+    insert_events(&pg, "postgres", &src.schema, 400, 3, 0);
     let pool = DatabaseUrl::parse(&src.url)
         .unwrap()
         .pool(2, DEADLINE)
@@ -345,7 +345,7 @@ async fn the_claim_returns_the_rows_not_held_in_id_order_and_finds_late_commits(
         .split(',')
         .map(|i| i.parse().unwrap())
         .collect();
-    assert_eq!(ids.len(), 40);
+    assert_eq!(ids.len(), 400);
     let first = ids[0];
     let id = |k: i64| first + k;
 
@@ -369,14 +369,16 @@ async fn the_claim_returns_the_rows_not_held_in_id_order_and_finds_late_commits(
             .collect()
     };
 
-    // Nothing held; a contiguous head held; scattered holds (gaps listed); holds so
-    // sparse that the list form is used; a limit that spans the ids below and above.
+    // The list form: nothing held, a few held, held ids so sparse that the gaps
+    // outnumber them. The gap form (64 held ids or more): a contiguous head, scattered
+    // holds with gaps, a limit that spans the ids below and above the held ones.
     let cases: Vec<(i64, Vec<i64>)> = vec![
         (10, vec![]),
-        (10, (0..10).map(id).collect()),
-        (100, [3, 4, 7, 9, 12, 13, 14, 15].map(id).to_vec()),
-        (100, [1, 38].map(id).to_vec()),
-        (6, (4..10).map(id).collect()),
+        (500, [3, 4, 7, 9, 12].map(id).to_vec()),
+        (500, (0..100).map(|k| id(5 * k)).collect()),
+        (150, (0..100).map(id).collect()),
+        (500, (20..250).filter(|k| k % 7 != 0).map(id).collect()),
+        (6, (4..120).map(id).collect()),
     ];
     for (limit, held) in cases {
         assert_eq!(
