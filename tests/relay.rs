@@ -420,3 +420,54 @@ async fn the_claim_returns_the_rows_not_held_in_id_order_and_finds_late_commits(
     late_tx.batch_execute("COMMIT").await.unwrap();
     assert_eq!(claim(100, held).await, vec![late]);
 }
+
+/// The relay's connections price sequential scans out, so a plan cached while a new outbox
+/// looked empty still goes by the primary key once the table fills with dead tuples; the
+/// lock connection also asks the server for keepalives; the URL's own options win.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relays_connections_go_by_the_primary_key_and_the_urls_options_win() {
+    use outbox_relay::db::DatabaseUrl;
+
+    let pg = PgServer::start();
+    let src = TestSource::new(&pg, "postgres", "plans");
+    migrate(&settings(&toml(&[&src], "127.0.0.1:9", ""))).await;
+    let url = DatabaseUrl::parse(&src.url).unwrap();
+    let pool = url.pool(1, DEADLINE).unwrap();
+    let client = pool.get().await.unwrap();
+    // Never analyzed, as a new service's outbox is: a generic plan would scan it whole.
+    let plan: Vec<String> = client
+        .query(
+            &format!(
+                "EXPLAIN DELETE FROM {}.outbox WHERE id = ANY('{{1,2}}')",
+                src.schema
+            ),
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let plan = plan.join("\n");
+    assert!(plan.contains("outbox_pkey"), "{plan}");
+    assert!(!plan.contains("Seq Scan"), "{plan}");
+
+    let (lock, _notices) = url.connect(DEADLINE).await.unwrap();
+    for (setting, want) in [("enable_seqscan", "off"), ("tcp_keepalives_idle", "10")] {
+        let got: String = lock
+            .query_one(&format!("SHOW {setting}"), &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(got, want, "{setting} on the lock connection");
+    }
+
+    let own = DatabaseUrl::parse(&format!("{}?options=-c%20enable_seqscan%3Don", src.url)).unwrap();
+    let client = own.pool(1, DEADLINE).unwrap().get().await.unwrap();
+    let got: String = client
+        .query_one("SHOW enable_seqscan", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(got, "on", "the URL's options win");
+}
