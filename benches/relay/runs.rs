@@ -496,10 +496,15 @@ pub async fn latency(b: &mut Bench, broker: BrokerKind, rate: u64, through_relay
         "latency warm-up: {got} of {warm} events arrived within 60 s"
     );
     let relay_pid = relay.as_ref().map(RelayProcess::pid);
+    b.reset_statements().await;
+    let window = Instant::now();
     let c0 = cpu::sample(&b.procs, relay_pid);
     let stats = write(warm..total).await;
     let got = consumer.wait_count(total, LATENCY_GRACE).await;
     let c1 = cpu::sample(&b.procs, relay_pid);
+    let statements = b
+        .top_statements(&format!("latency, {label}"), window.elapsed())
+        .await;
     let proc = relay.as_ref().map(|r| relay_process::ProcStats {
         peak_rss_kib: r.stats().peak_rss_kib,
         cpu: Duration::from_secs_f64(c1.relay_since(&c0)),
@@ -516,7 +521,7 @@ pub async fn latency(b: &mut Bench, broker: BrokerKind, rate: u64, through_relay
             broker.name()
         );
     }
-    b.report.breakdown.push(format!("latency, {label}:"));
+    b.report.breakdown.extend(statements);
     let line = b.cpu_split(&c0, &c1);
     b.report.breakdown.push(line);
     b.report.latencies.push(LatencyRow {
