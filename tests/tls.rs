@@ -87,10 +87,8 @@ fn make_certs(dir: &Path, ca: &str) {
     );
 }
 
-/// Whether the relay's own connection to `url` is encrypted.
-async fn encrypted(url: &str) -> Result<bool, String> {
-    let u = DatabaseUrl::parse(url)?;
-    let (client, _notices) = u.connect(TIMEOUT).await?;
+/// Whether the session behind `client` is encrypted, as the server sees it.
+async fn session_encrypted(client: &tokio_postgres::Client) -> Result<bool, String> {
     let row = client
         .query_one(
             "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
@@ -101,19 +99,17 @@ async fn encrypted(url: &str) -> Result<bool, String> {
     Ok(row.get(0))
 }
 
+/// Whether the relay's own connection to `url` is encrypted.
+async fn encrypted(url: &str) -> Result<bool, String> {
+    let (client, _notices) = DatabaseUrl::parse(url)?.connect(TIMEOUT).await?;
+    session_encrypted(&client).await
+}
+
 /// Whether a pooled connection to `url` is encrypted.
 async fn pool_encrypted(url: &str) -> Result<bool, String> {
-    let u = DatabaseUrl::parse(url)?;
-    let pool = u.pool(2, TIMEOUT)?;
+    let pool = DatabaseUrl::parse(url)?.pool(2, TIMEOUT)?;
     let client = pool.get().await.map_err(|e| e.to_string())?;
-    let row = client
-        .query_one(
-            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
-            &[],
-        )
-        .await
-        .map_err(|e| e.to_string())?;
-    Ok(row.get(0))
+    session_encrypted(&client).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
