@@ -38,8 +38,9 @@ pub struct Settings {
     /// Delivered rows deleted per statement (`OUTBOX_DELETE_BATCH_SIZE`).
     pub delete_batch_size: usize,
     /// Batches of one source handed to the producer and not yet acknowledged, at most
-    /// (`OUTBOX_IN_FLIGHT_BATCHES`). 1 sends a batch only after the previous one's
-    /// outcome is known.
+    /// (`OUTBOX_IN_FLIGHT_BATCHES`); beyond that, smaller batches still go out while the
+    /// rows out stay within `in_flight_batches * batch_size`. 1 sends a batch only after
+    /// the previous one's outcome is known.
     pub in_flight_batches: usize,
     /// How long an idle source waits before polling again, unless woken by a new row
     /// (`OUTBOX_PROCESS_INTERVAL`; a bare number is seconds).

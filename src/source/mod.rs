@@ -155,7 +155,7 @@ fn held_for(holds: &HashMap<Aggregate, Hold>, e: &Event, gen: u64) -> bool {
         .is_some_and(|h| h.unsettled > 0 || h.settled_at > gen)
 }
 
-/// A claimed batch waiting for a free slot with the producer.
+/// A claimed batch waiting for room with the producer.
 struct Ready {
     events: Vec<Event>,
     /// Settles done when its claim started.
@@ -392,6 +392,8 @@ impl Source {
         // Ids with the producer, or delivered and not yet deleted, per flight.
         let mut owned: VecDeque<(u64, Vec<i64>)> = VecDeque::new();
         let mut next_seq = 0u64;
+        // Rows in the batches with the producer.
+        let mut rows_out = 0usize;
         let mut landed: Vec<Landed> = Vec::new();
         let mut settling: Option<BoxFuture<'_, SettleOutcome>> = None;
         let mut settles_done = 0u64;
@@ -461,8 +463,19 @@ impl Source {
             if quiesce && flights.is_empty() {
                 quiesce = false;
             }
-            let free = if paused_until.is_none() && !quiesce {
-                depth.saturating_sub(flights.len())
+            let open = paused_until.is_none() && !quiesce;
+            // Ready batches that go out at once.
+            let free = if open {
+                let (mut out, mut rows) = (flights.len(), rows_out);
+                ready
+                    .iter()
+                    .take_while(|r| {
+                        let fits = room(depth, full, out, rows, r.events.len());
+                        out += 1;
+                        rows += r.events.len();
+                        fits
+                    })
+                    .count()
             } else {
                 0
             };
@@ -502,9 +515,14 @@ impl Source {
                 // thousand records held the claim back 3 ms at the median, 20 ms at worst.
                 tokio::task::yield_now().await;
             }
-            // Claimed batches go out while slots are free, each filtered by the holds
-            // as they stand after the one before it.
-            while paused_until.is_none() && !quiesce && flights.len() < depth {
+            // Claimed batches go out while there is room, each filtered by the holds as
+            // they stand after the one before it.
+            while paused_until.is_none()
+                && !quiesce
+                && ready
+                    .front()
+                    .is_some_and(|r| room(depth, full, flights.len(), rows_out, r.events.len()))
+            {
                 let Some(r) = ready.pop_front() else {
                     break;
                 };
@@ -530,6 +548,7 @@ impl Source {
                 }
                 let seq = next_seq;
                 next_seq += 1;
+                rows_out += events.len();
                 owned.push_back((seq, events.iter().map(|e| e.id).collect()));
                 let claimed_at = r.claimed_at;
                 let sent_at = Instant::now();
@@ -564,6 +583,7 @@ impl Source {
             }
             tokio::select! {
                 Some(l) = flights.next(), if !flights.is_empty() => {
+                    rows_out -= l.batch.len();
                     publish_hist.observe(l.sent_at.elapsed().as_secs_f64());
                     batch_hist.observe(l.claimed_at.elapsed().as_secs_f64());
                     let acked_at = SystemTime::now();
@@ -1017,6 +1037,15 @@ impl Source {
     }
 }
 
+/// Whether a batch of `rows` may go out while `out` batches of `rows_out` rows are with
+/// the producer: fewer than `depth` batches, or, pipelining, no more than `depth` full
+/// batches' worth of rows. Light traffic claims a row or two at a time, and those small
+/// batches must not wait behind each other's acknowledgements (at 1,000 events/s four
+/// slots held an event back 3 ms at the 90th percentile).
+fn room(depth: usize, full: usize, out: usize, rows_out: usize, rows: usize) -> bool {
+    out < depth || (depth > 1 && rows_out + rows <= depth * full)
+}
+
 /// The later of an existing pause's end and `pause` from now.
 fn later(until: Option<tokio::time::Instant>, pause: Duration) -> tokio::time::Instant {
     let end = tokio::time::Instant::now() + pause;
@@ -1028,5 +1057,28 @@ async fn wait(cancel: &CancellationToken, d: Duration) -> bool {
     tokio::select! {
         _ = tokio::time::sleep(d) => false,
         _ = cancel.cancelled() => true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_in_flight_batch_is_strict_and_small_batches_count_by_their_rows() {
+        // Nothing out: any batch goes, however large.
+        assert!(room(1, 100, 0, 0, 100));
+        assert!(room(4, 100, 0, 0, 100));
+        // in_flight_batches = 1 waits for the batch out, even a one-row one.
+        assert!(!room(1, 100, 1, 1, 1));
+        // Four full batches out: no room, not even for one row.
+        assert!(!room(4, 100, 4, 400, 1));
+        // Fewer than four batches out: room, whatever their size.
+        assert!(room(4, 100, 3, 300, 100));
+        // Forty one-row batches out: room for up to 360 more rows.
+        assert!(room(4, 100, 40, 40, 100));
+        assert!(room(4, 100, 300, 300, 100));
+        assert!(!room(4, 100, 301, 301, 100));
+        assert!(room(4, 100, 301, 301, 99));
     }
 }
