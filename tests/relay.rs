@@ -159,6 +159,86 @@ async fn per_aggregate_order_holds_under_concurrent_writers() {
     assert!(values.iter().all(|v| v.is_some()));
 }
 
+/// Delivered rows leave the outbox while the claims run back to back: here each claim
+/// walks past 100,000 rows waiting for a retry an hour away, and notifications keep
+/// asking for the next one. A delete waits for a running claim only within a bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn delivered_rows_are_deleted_while_slow_claims_run_back_to_back() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    let pg = PgServer::start();
+    let src = TestSource::new(&pg, "postgres", "busy");
+    let kafka = mock(&[&src.topic], 1);
+    let s = settings(&toml(&[&src], &kafka.bootstrap_servers(), ""));
+    migrate(&s).await;
+    let schema = &src.schema;
+    pg.psql(
+        "postgres",
+        &format!(
+            "INSERT INTO {schema}.outbox (aggregate_type, aggregate_id, event_type, payload, retry_count, next_attempt_at) \
+             SELECT 'order', 'parked-' || i, 'OrderChanged', '{{}}', 1, now() + interval '1 hour' \
+             FROM generate_series(1, 100000) AS i;
+             ANALYZE {schema}.outbox"
+        ),
+    );
+    let mut relay = TestRelay::start(s).await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut notifiers = Vec::new();
+    for _ in 0..4 {
+        let (url, schema, stop) = (src.url.clone(), src.schema.clone(), stop.clone());
+        notifiers.push(tokio::spawn(async move {
+            let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+                .await
+                .expect("connect");
+            tokio::spawn(conn);
+            let notify = format!("SELECT pg_notify('outbox_relay', '{schema}')");
+            let mut sent = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                client.batch_execute(&notify).await.expect("notify");
+                sent += 1;
+            }
+            sent
+        }));
+    }
+    insert_events(&pg, "postgres", schema, 5, 5, 0);
+    let got = consume_async(&kafka.bootstrap_servers(), &src.topic, 5, DEADLINE).await;
+    let pending = format!("SELECT count(*) FROM {schema}.outbox WHERE next_attempt_at IS NULL");
+    // Within 10 ms of landing, plus the delete; seconds, usually, without the bound.
+    let deadline = Duration::from_secs(3);
+    let start = std::time::Instant::now();
+    let mut left = String::new();
+    while start.elapsed() < deadline {
+        left = pg.psql("postgres", &pending);
+        if left == "0" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        notifiers.iter().all(|t| !t.is_finished()),
+        "the notifications kept coming until the delivered rows were gone"
+    );
+    stop.store(true, Ordering::Relaxed);
+    let mut sent = 0;
+    for t in notifiers {
+        sent += t.await.expect("notifier");
+    }
+    relay.stop().await;
+    assert_eq!(
+        left, "0",
+        "delivered rows still in the outbox after {deadline:?}"
+    );
+    assert_eq!(audit(&got), (5, 0, 0), "{got:?}");
+    assert_eq!(
+        outbox_rows(&pg, "postgres", schema),
+        100_000,
+        "the parked rows stay"
+    );
+    assert!(sent >= 100, "only {sent} notifications went out");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn four_sources_across_two_databases() {
     let pg = PgServer::start();
