@@ -492,6 +492,23 @@ async fn run(opts: Opts, t0: Instant) -> Report {
             shipped.1.map(|v| v.to_string()).unwrap_or("?".into())
         ),
     ];
+    let passed = relay_process::passed_relay_env();
+    if !passed.is_empty() {
+        let vars: Vec<String> = passed
+            .iter()
+            .map(|(k, v)| {
+                if ["PASSWORD", "SECRET", "URL"].iter().any(|s| k.contains(s)) {
+                    format!("{k}=***")
+                } else {
+                    format!("{k}={v}")
+                }
+            })
+            .collect();
+        b.report.header.push(format!(
+            "relay processes also get (BENCH_RELAY_ENV=1; the broker-alone producer does not): {}",
+            vars.join(" ")
+        ));
+    }
     if b.opts.runs("latency") && b.opts.latency_brokers.contains(&BrokerKind::Mock) {
         b.report.header.push(format!(
             "[{}] (latency runs): librdkafka's mock cluster (rdkafka MockCluster, in memory, NOT a production broker), 1 broker in its own process on 127.0.0.1, fresh for every contender; there to tell the relay's own latency from tansu's. Latency consumer's fetch.wait.max.ms: {} ms on it, {} ms on tansu (neither answers an empty fetch sooner)",

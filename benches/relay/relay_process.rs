@@ -86,13 +86,28 @@ pub fn config_toml(
     toml::to_string(&t).expect("serialize bench config")
 }
 
-/// A relay command with the bench's config and none of the caller's OUTBOX_* variables.
+/// The caller's OUTBOX_* variables the relay processes get: none, unless
+/// BENCH_RELAY_ENV=1 asks for them (tuning runs, e.g. OUTBOX_KAFKA__PROPERTIES__LINGER_MS).
+pub fn passed_relay_env() -> Vec<(String, String)> {
+    if !std::env::var("BENCH_RELAY_ENV").is_ok_and(|v| v == "1") {
+        return Vec::new();
+    }
+    let mut vars: Vec<(String, String)> = std::env::vars()
+        .filter(|(k, _)| k.starts_with("OUTBOX_"))
+        .collect();
+    vars.sort();
+    vars
+}
+
+/// A relay command with the bench's config and none of the caller's OUTBOX_* variables
+/// but those [`passed_relay_env`] passes.
 fn relay_command(config: &Path) -> Command {
     let mut cmd = Command::new(relay_bin());
     cmd.arg("--config").arg(config).stdin(Stdio::null());
+    let passed = passed_relay_env();
     for (k, _) in std::env::vars_os() {
         let k = k.to_string_lossy().into_owned();
-        if k.starts_with("OUTBOX_") || k == "RUST_LOG" {
+        if (k.starts_with("OUTBOX_") && !passed.iter().any(|(p, _)| *p == k)) || k == "RUST_LOG" {
             cmd.env_remove(k);
         }
     }
