@@ -51,11 +51,8 @@ fn pg_server_lifecycle() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let url = pg.url(&db);
     let n: i64 = rt.block_on(async {
-        let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        common::connect(&url)
             .await
-            .expect("connect via url()");
-        tokio::spawn(conn);
-        client
             .query_one("SELECT count(*) FROM t", &[])
             .await
             .unwrap()

@@ -110,10 +110,7 @@ async fn per_aggregate_order_holds_under_concurrent_writers() {
         let url = src.url.clone();
         let schema = src.schema.clone();
         tasks.push(tokio::spawn(async move {
-            let (mut client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-                .await
-                .expect("connect");
-            tokio::spawn(conn);
+            let mut client = common::connect(&url).await;
             let mut seq = [0i64; 5];
             let mut committed = 0usize;
             for txn in 0..60 {
@@ -189,10 +186,7 @@ async fn delivered_rows_are_deleted_while_slow_claims_run_back_to_back() {
     for _ in 0..4 {
         let (url, schema, stop) = (src.url.clone(), src.schema.clone(), stop.clone());
         notifiers.push(tokio::spawn(async move {
-            let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-                .await
-                .expect("connect");
-            tokio::spawn(conn);
+            let client = common::connect(&url).await;
             let notify = format!("SELECT pg_notify('outbox_relay', '{schema}')");
             let mut sent = 0u64;
             while !stop.load(Ordering::Relaxed) {
@@ -489,10 +483,7 @@ async fn the_claim_returns_the_rows_not_held_in_id_order_and_finds_late_commits(
     }
 
     // A row that commits late, into a gap between held ids.
-    let (late_tx, late_conn) = tokio_postgres::connect(&src.url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(late_conn);
+    let late_tx = common::connect(&src.url).await;
     late_tx.batch_execute("BEGIN").await.unwrap();
     let late: i64 = late_tx
         .query_one(

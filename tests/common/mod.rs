@@ -92,6 +92,15 @@ pub fn unique_name(prefix: &str) -> String {
     format!("{p}_{n}_{r:06x}")
 }
 
+/// A plain (no TLS) client of `url`, its connection driven on a task of its own.
+pub async fn connect(url: &str) -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("connect to {url}: {e}"));
+    tokio::spawn(conn);
+    client
+}
+
 /// A TCP port on 127.0.0.1 that is free right now and has not been handed out before by
 /// this process. Chosen randomly *below* the kernel's ephemeral range, so outgoing client
 /// connections (which take ephemeral ports) cannot grab it between this call and the

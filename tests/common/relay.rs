@@ -229,10 +229,7 @@ pub fn audit(received: &[Received]) -> (usize, usize, usize) {
 /// Polls the outbox until it is empty; panics after `deadline`.
 pub async fn wait_outbox_empty(url: &str, schema: &str, deadline: Duration) {
     let end = tokio::time::Instant::now() + deadline;
-    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
-        .await
-        .expect("connect");
-    tokio::spawn(conn);
+    let client = super::connect(url).await;
     let mut left: i64 = -1;
     while tokio::time::Instant::now() < end {
         left = client
