@@ -47,6 +47,10 @@ struct Opts {
     latency_partitions: i32,
     /// Claim and delete batch of the throughput runs (BENCH_BATCH).
     batch: i64,
+    /// Rounds of the throughput pair, SQL-only limit then relay, interleaved
+    /// (BENCH_ROUNDS): the target is judged on the median of the rounds' ratios, so one
+    /// slow moment of a shared machine does not decide it.
+    rounds: u32,
     /// Steady rates of the latency runs (BENCH_RATES, comma-separated).
     rates: Vec<u64>,
     /// Measured seconds of each latency run, after one second of warm-up (BENCH_LATENCY_SECS).
@@ -98,6 +102,7 @@ impl Opts {
             partitions: env_num("BENCH_PARTITIONS", 6),
             latency_partitions: env_num("BENCH_LATENCY_PARTITIONS", 1),
             batch: env_num("BENCH_BATCH", 1000),
+            rounds: env_num("BENCH_ROUNDS", if quick { 1 } else { 3 }).max(1),
             rates,
             latency_brokers: std::env::var("BENCH_LATENCY_BROKERS")
                 .unwrap_or_else(|_| "tansu,mock".into())
@@ -551,42 +556,54 @@ async fn run(opts: Opts, t0: Instant) -> Report {
     if b.opts.runs("broker") {
         runs::broker_limit(&mut b, n).await;
     }
-    if b.opts.runs("sql") {
-        for (label, key, bs, ds) in &settings_list {
-            runs::sql_limit(
-                &mut b,
-                n,
-                label,
-                &format!("sql-{key}"),
-                *bs,
-                *ds as usize,
-                drain_cap,
-            )
-            .await;
-        }
-    }
-    if b.opts.runs("relay") {
-        for (label, key, bs, ds) in &settings_list {
-            let o = Overrides {
-                batch_size: Some(*bs),
-                delete_batch_size: Some(*ds),
-                process_interval: None,
+    // The throughput setting runs in rounds, each a SQL-only limit then the relay, and
+    // each relay row is set against its own round's limit.
+    let rounds = b.opts.rounds;
+    for (i, (label, key, bs, ds)) in settings_list.iter().enumerate() {
+        let repeat = if i == 0 { rounds } else { 1 };
+        for round in 1..=repeat {
+            let (label, key) = if repeat > 1 {
+                (
+                    format!("{label} [round {round}/{repeat}]"),
+                    format!("{key}#{round}"),
+                )
+            } else {
+                (label.clone(), key.clone())
             };
-            let row = runs::relay_drain(
-                &mut b,
-                n,
-                &format!("relay, {label}"),
-                &o,
-                drain_cap,
-                &format!("relay-{key}"),
-            )
-            .await;
-            let limit_key = format!("sql-{key}");
-            let has_limit = b.report.drains.iter().any(|r| r.key == limit_key);
-            b.report.drains.push(DrainRow {
-                limit_key: has_limit.then_some(limit_key),
-                ..row
-            });
+            if b.opts.runs("sql") {
+                runs::sql_limit(
+                    &mut b,
+                    n,
+                    &label,
+                    &format!("sql-{key}"),
+                    *bs,
+                    *ds as usize,
+                    drain_cap,
+                )
+                .await;
+            }
+            if b.opts.runs("relay") {
+                let o = Overrides {
+                    batch_size: Some(*bs),
+                    delete_batch_size: Some(*ds),
+                    process_interval: None,
+                };
+                let row = runs::relay_drain(
+                    &mut b,
+                    n,
+                    &format!("relay, {label}"),
+                    &o,
+                    drain_cap,
+                    &format!("relay-{key}"),
+                )
+                .await;
+                let limit_key = format!("sql-{key}");
+                let has_limit = b.report.drains.iter().any(|r| r.key == limit_key);
+                b.report.drains.push(DrainRow {
+                    limit_key: has_limit.then_some(limit_key),
+                    ..row
+                });
+            }
         }
     }
     if b.opts.runs("naive") {
