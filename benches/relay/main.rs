@@ -102,7 +102,7 @@ impl Opts {
             partitions: env_num("BENCH_PARTITIONS", 6),
             latency_partitions: env_num("BENCH_LATENCY_PARTITIONS", 1),
             batch: env_num("BENCH_BATCH", 1000),
-            rounds: env_num("BENCH_ROUNDS", if quick { 1 } else { 3 }).max(1),
+            rounds: env_num("BENCH_ROUNDS", if quick { 1 } else { 5 }).max(1),
             rates,
             latency_brokers: std::env::var("BENCH_LATENCY_BROKERS")
                 .unwrap_or_else(|_| "tansu,mock".into())

@@ -291,8 +291,11 @@ impl Report {
         let _ = writeln!(o, "TARGETS (issue 6)");
         // (label, verdict), printed in one column as wide as the longest label.
         let mut targets: Vec<(String, String)> = Vec::new();
-        // One verdict per setting: rounds of the same setting ("relay-1000#2") are
-        // judged on the median of their ratios, each against its own round's limit.
+        // One verdict per setting: rounds of the same setting ("relay-1000#2", each just
+        // after its own "sql-1000#2") are judged on the median of their paired ratios.
+        // The machine's speed drifts by a factor of two or more over minutes, so each
+        // relay drain is set against the limit measured seconds before it, and no single
+        // disturbed round, on either side, decides the verdict.
         let mut settings: Vec<(String, String, Vec<f64>)> = Vec::new();
         for r in self.drains.iter().filter(|r| r.key.starts_with("relay")) {
             let Some(l) = r.limit_key.as_deref().and_then(|k| self.row(k)) else {
