@@ -67,6 +67,10 @@ struct Opts {
     only: Option<Vec<String>>,
     /// Profile the throughput drain with `perf record -a` (BENCH_PERF=1).
     perf: bool,
+    /// A second relay binary (BENCH_RELAY_BIN_B), say an older build: every throughput
+    /// round also drains with it, right after the relay under test, against the same
+    /// round's limit.
+    relay_bin_b: Option<PathBuf>,
 }
 
 fn env_num<T: std::str::FromStr>(name: &str, default: T) -> T {
@@ -122,6 +126,9 @@ impl Opts {
                 .filter(|v| !v.trim().is_empty())
                 .map(|v| v.split(',').map(|s| s.trim().to_string()).collect()),
             perf: std::env::var("BENCH_PERF").is_ok_and(|v| !v.is_empty() && v != "0"),
+            relay_bin_b: std::env::var_os("BENCH_RELAY_BIN_B")
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from),
         }
     }
 
@@ -514,6 +521,12 @@ async fn run(opts: Opts, t0: Instant) -> Report {
             vars.join(" ")
         ));
     }
+    if let Some(bin) = &b.opts.relay_bin_b {
+        b.report.header.push(format!(
+            "relayB rows: the binary {} (BENCH_RELAY_BIN_B), with the same configuration, right after the relay under test in every throughput round",
+            bin.display()
+        ));
+    }
     if b.opts.runs("latency") && b.opts.latency_brokers.contains(&BrokerKind::Mock) {
         b.report.header.push(format!(
             "[{}] (latency runs): librdkafka's mock cluster (rdkafka MockCluster, in memory, NOT a production broker), 1 broker in its own process on 127.0.0.1, fresh for every contender; there to tell the relay's own latency from tansu's. Latency consumer's fetch.wait.max.ms: {} ms on it, {} ms on tansu (neither answers an empty fetch sooner)",
@@ -583,26 +596,33 @@ async fn run(opts: Opts, t0: Instant) -> Report {
                 .await;
             }
             if b.opts.runs("relay") {
-                let o = Overrides {
-                    batch_size: Some(*bs),
-                    delete_batch_size: Some(*ds),
-                    process_interval: None,
-                };
-                let row = runs::relay_drain(
-                    &mut b,
-                    n,
-                    &format!("relay, {label}"),
-                    &o,
-                    drain_cap,
-                    &format!("relay-{key}"),
-                )
-                .await;
-                let limit_key = format!("sql-{key}");
-                let has_limit = b.report.drains.iter().any(|r| r.key == limit_key);
-                b.report.drains.push(DrainRow {
-                    limit_key: has_limit.then_some(limit_key),
-                    ..row
-                });
+                // The relay under test, then (throughput rounds only) the second binary.
+                let second = b.opts.relay_bin_b.clone().filter(|_| i == 0);
+                let binaries =
+                    std::iter::once(("relay", None)).chain(second.map(|p| ("relayB", Some(p))));
+                for (who, binary) in binaries {
+                    let o = Overrides {
+                        batch_size: Some(*bs),
+                        delete_batch_size: Some(*ds),
+                        process_interval: None,
+                        binary,
+                    };
+                    let row = runs::relay_drain(
+                        &mut b,
+                        n,
+                        &format!("{who}, {label}"),
+                        &o,
+                        drain_cap,
+                        &format!("{who}-{key}"),
+                    )
+                    .await;
+                    let limit_key = format!("sql-{key}");
+                    let has_limit = b.report.drains.iter().any(|r| r.key == limit_key);
+                    b.report.drains.push(DrainRow {
+                        limit_key: has_limit.then_some(limit_key),
+                        ..row
+                    });
+                }
             }
         }
     }
@@ -623,7 +643,7 @@ async fn run(opts: Opts, t0: Instant) -> Report {
         let o = Overrides {
             batch_size: Some(batch),
             delete_batch_size: Some(batch),
-            process_interval: None,
+            ..Overrides::default()
         };
         let cap = Duration::from_secs_f64(b.opts.drain_secs.max(big as f64 / 2_000.0));
         let row = runs::relay_drain(

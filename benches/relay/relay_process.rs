@@ -14,12 +14,14 @@ pub fn relay_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_outbox-relay"))
 }
 
-/// Top-level keys a run overrides in the shipped configuration.
+/// Top-level keys a run overrides in the shipped configuration, and the binary it runs.
 #[derive(Debug, Clone, Default)]
 pub struct Overrides {
     pub batch_size: Option<i64>,
     pub delete_batch_size: Option<i64>,
     pub process_interval: Option<&'static str>,
+    /// Another relay binary than the one `cargo bench` built (BENCH_RELAY_BIN_B).
+    pub binary: Option<PathBuf>,
 }
 
 /// The shipped config/default.toml, read at run time.
@@ -101,8 +103,8 @@ pub fn passed_relay_env() -> Vec<(String, String)> {
 
 /// A relay command with the bench's config and none of the caller's OUTBOX_* variables
 /// but those [`passed_relay_env`] passes.
-fn relay_command(config: &Path) -> Command {
-    let mut cmd = Command::new(relay_bin());
+fn relay_command(config: &Path, binary: &Path) -> Command {
+    let mut cmd = Command::new(binary);
     cmd.arg("--config").arg(config).stdin(Stdio::null());
     let passed = passed_relay_env();
     for (k, _) in std::env::vars_os() {
@@ -117,7 +119,7 @@ fn relay_command(config: &Path) -> Command {
 /// `outbox-relay --config PATH migrate`, within 60 s.
 pub fn migrate(config: &Path, log: &Path) {
     let out = std::fs::File::create(log).expect("create migrate log");
-    let mut child = relay_command(config)
+    let mut child = relay_command(config, &relay_bin())
         .arg("migrate")
         .stdout(out.try_clone().expect("dup log"))
         .stderr(out)
@@ -198,11 +200,12 @@ pub fn proc_stats(pid: u32) -> ProcStats {
 }
 
 impl RelayProcess {
-    /// Starts `outbox-relay --config PATH run`, logging to `log`.
-    pub fn start(config: &Path, log: &Path, http_port: u16) -> RelayProcess {
+    /// Starts `outbox-relay --config PATH run` (`binary`, or the one `cargo bench`
+    /// built), logging to `log`.
+    pub fn start(config: &Path, log: &Path, http_port: u16, binary: Option<&Path>) -> RelayProcess {
         let out = std::fs::File::create(log).expect("create relay log");
         let started = Instant::now();
-        let child = relay_command(config)
+        let child = relay_command(config, binary.unwrap_or(&relay_bin()))
             .arg("run")
             .stdout(out.try_clone().expect("dup log"))
             .stderr(out)

@@ -257,8 +257,8 @@ pub async fn relay_drain(
     );
     consumer.set_base();
     b.reset_statements().await;
-    // The throughput drain, in its first round.
-    let first_round = key.split('#').nth(1).is_none_or(|r| r == "1");
+    // The throughput drain of the relay under test, in its first round.
+    let first_round = key.starts_with("relay-") && key.split('#').nth(1).is_none_or(|r| r == "1");
     let perf = if b.opts.perf && o.batch_size == Some(b.opts.batch) && first_round {
         Perf::start(b.dir.path())
     } else {
@@ -267,7 +267,7 @@ pub async fn relay_drain(
     progress!(b.t0, "{label}: draining");
     let log = b.dir.path().join(format!("{}.relay.log", lane.schema));
     let c0 = cpu::sample(&b.procs, None);
-    let mut relay = RelayProcess::start(&lane.config, &log, lane.http_port);
+    let mut relay = RelayProcess::start(&lane.config, &log, lane.http_port, o.binary.as_deref());
     let end = relay.started + cap;
     let reached = loop {
         relay.assert_running();
@@ -466,7 +466,12 @@ pub async fn latency(b: &mut Bench, broker: BrokerKind, rate: u64, through_relay
     let producer = relay_producer(&lane.config_text);
     if through_relay {
         let log = b.dir.path().join(format!("{}.relay.log", lane.schema));
-        relay = Some(RelayProcess::start(&lane.config, &log, lane.http_port));
+        relay = Some(RelayProcess::start(
+            &lane.config,
+            &log,
+            lane.http_port,
+            o.binary.as_deref(),
+        ));
     }
     let write = |seqs: std::ops::Range<u64>| {
         let (client, producer, lane, templates, book) =
