@@ -325,6 +325,23 @@ fn bad_configuration_exits_64_naming_every_bad_key() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("missing.toml"));
 }
 
+/// The binary runs on jemalloc with its built-in options (src/main.rs): a misspelt
+/// option symbol would leave jemalloc's defaults, four arenas per CPU, in silence.
+#[test]
+fn the_binary_allocates_with_jemalloc_and_its_built_in_options() {
+    let out = Command::new(BIN)
+        .arg("--help")
+        .env("MALLOC_CONF", "stats_print:true")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    // jemalloc prints its statistics to stderr at exit.
+    let stats = String::from_utf8_lossy(&out.stderr);
+    for option in ["opt.narenas: 1", "opt.dirty_decay_ms: 1000"] {
+        assert!(stats.contains(option), "{option} missing from:\n{stats}");
+    }
+}
+
 #[test]
 fn dead_letter_tool_lists_shows_replays_and_purges_without_sql() {
     let pg = PgServer::start();
