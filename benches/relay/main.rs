@@ -128,7 +128,14 @@ impl Opts {
             perf: std::env::var("BENCH_PERF").is_ok_and(|v| !v.is_empty() && v != "0"),
             relay_bin_b: std::env::var_os("BENCH_RELAY_BIN_B")
                 .filter(|v| !v.is_empty())
-                .map(PathBuf::from),
+                .map(PathBuf::from)
+                .inspect(|p| {
+                    assert!(
+                        p.is_file(),
+                        "BENCH_RELAY_BIN_B={}: no such file",
+                        p.display()
+                    )
+                }),
         }
     }
 
@@ -539,49 +546,45 @@ async fn run(opts: Opts, t0: Instant) -> Report {
     let n = b.opts.events;
     let batch = b.opts.batch;
     let drain_cap = Duration::from_secs_f64(b.opts.drain_secs);
-    // (label, key, batch, delete batch): the throughput setting, the plan's default and,
+    // (label, batch, delete batch): the throughput setting, the plan's default and,
     // if it differs from both, what config/default.toml ships.
     let mut settings_list = vec![
-        (
-            format!("batch {batch} / delete {batch}"),
-            format!("{batch}"),
-            batch,
-            batch,
-        ),
-        (
-            "batch 10 / delete 50 (plan default)".to_string(),
-            "10".to_string(),
-            10,
-            50,
-        ),
+        (format!("batch {batch} / delete {batch}"), batch, batch),
+        ("batch 10 / delete 50 (plan default)".to_string(), 10, 50),
     ];
     if let (Some(bs), Some(ds)) = shipped {
-        if !settings_list.iter().any(|s| s.2 == bs && s.3 == ds) {
+        if !settings_list.iter().any(|s| s.1 == bs && s.2 == ds) {
             settings_list.push((
                 format!("batch {bs} / delete {ds} (config/default.toml)"),
-                format!("{bs}"),
                 bs,
                 ds,
             ));
         }
     }
 
+    b.report.throughput_key = Some(format!("relay-{batch}-{batch}"));
     if b.opts.runs("broker") {
         runs::broker_limit(&mut b, n).await;
     }
     // The throughput setting runs in rounds, each a SQL-only limit then the relay, and
-    // each relay row is set against its own round's limit.
-    let rounds = b.opts.rounds;
-    for (i, (label, key, bs, ds)) in settings_list.iter().enumerate() {
-        let repeat = if i == 0 { rounds } else { 1 };
+    // each relay row is set against its own round's limit. Rounds need both sections.
+    let rounds = if b.opts.runs("sql") && b.opts.runs("relay") {
+        b.opts.rounds
+    } else {
+        1
+    };
+    for (i, (label, bs, ds)) in settings_list.iter().enumerate() {
+        let throughput = i == 0;
+        let repeat = if throughput { rounds } else { 1 };
         for round in 1..=repeat {
+            // Keyed by both batch sizes: BENCH_BATCH=10 must not meet the plan's 10 / 50.
             let (label, key) = if repeat > 1 {
                 (
                     format!("{label} [round {round}/{repeat}]"),
-                    format!("{key}#{round}"),
+                    format!("{bs}-{ds}#{round}"),
                 )
             } else {
-                (label.clone(), key.clone())
+                (label.clone(), format!("{bs}-{ds}"))
             };
             if b.opts.runs("sql") {
                 runs::sql_limit(
@@ -597,15 +600,16 @@ async fn run(opts: Opts, t0: Instant) -> Report {
             }
             if b.opts.runs("relay") {
                 // The relay under test, then (throughput rounds only) the second binary.
-                let second = b.opts.relay_bin_b.clone().filter(|_| i == 0);
+                let second = b.opts.relay_bin_b.clone().filter(|_| throughput);
                 let binaries =
                     std::iter::once(("relay", None)).chain(second.map(|p| ("relayB", Some(p))));
                 for (who, binary) in binaries {
+                    let profile = b.opts.perf && throughput && round == 1 && who == "relay";
                     let o = Overrides {
                         batch_size: Some(*bs),
                         delete_batch_size: Some(*ds),
-                        process_interval: None,
                         binary,
+                        ..Overrides::default()
                     };
                     let row = runs::relay_drain(
                         &mut b,
@@ -614,6 +618,7 @@ async fn run(opts: Opts, t0: Instant) -> Report {
                         &o,
                         drain_cap,
                         &format!("{who}-{key}"),
+                        profile,
                     )
                     .await;
                     let limit_key = format!("sql-{key}");
@@ -653,6 +658,7 @@ async fn run(opts: Opts, t0: Instant) -> Report {
             &o,
             cap,
             "big",
+            false,
         )
         .await;
         b.report.big = Some(row);

@@ -11,7 +11,8 @@ use crate::BrokerKind;
 /// One contender emptying (or, when capped, working on) a backlog.
 #[derive(Debug, Clone)]
 pub struct DrainRow {
-    /// Identifies the row for ratios ("sql-1000", "relay-1000", "naive", ...).
+    /// Identifies the row for ratios: "sql-1000-1000", "relay-100-100",
+    /// "relay-1000-1000#2" for a round, "naive", ...
     pub key: String,
     pub label: String,
     /// Events delivered (or rows drained, for the SQL-only limit).
@@ -60,6 +61,9 @@ pub struct Report {
     pub latencies: Vec<LatencyRow>,
     pub big: Option<DrainRow>,
     pub breakdown: Vec<String>,
+    /// The relay rows the 0.70 target applies to ("relay-1000-1000"): the throughput
+    /// setting. The smaller batch settings are reported for reference.
+    pub throughput_key: Option<String>,
 }
 
 /// `1234567` as `1,234,567`.
@@ -291,8 +295,8 @@ impl Report {
         let _ = writeln!(o, "TARGETS (issue 6)");
         // (label, verdict), printed in one column as wide as the longest label.
         let mut targets: Vec<(String, String)> = Vec::new();
-        // One verdict per setting: rounds of the same setting ("relay-1000#2", each just
-        // after its own "sql-1000#2") are judged on the median of their paired ratios.
+        // One verdict per setting: rounds of the same setting ("relay-1000-1000#2", each just
+        // after its own "sql-1000-1000#2") are judged on the median of their paired ratios.
         // The machine's speed drifts by a factor of two or more over minutes, so each
         // relay drain is set against the limit measured seconds before it, and no single
         // disturbed round, on either side, decides the verdict.
@@ -314,8 +318,19 @@ impl Report {
                 }
             }
         }
-        for (_, label, ratios) in settings {
+        for (base, label, ratios) in settings {
             let m = median(&ratios);
+            if self
+                .throughput_key
+                .as_deref()
+                .is_some_and(|t| base.starts_with("relay-") && base != t)
+            {
+                targets.push((
+                    label,
+                    format!("{m:.2} of the SQL-only limit (for reference: the target is judged at the throughput batch)"),
+                ));
+                continue;
+            }
             let verdict = if m >= 0.70 { "met" } else { "NOT met" };
             targets.push((
                 label,

@@ -223,7 +223,8 @@ impl Perf {
     }
 }
 
-/// The relay binary emptying a backlog of `n`, measured at the consumer.
+/// The relay binary emptying a backlog of `n`, measured at the consumer; with `profile`,
+/// under `perf record -a` (BENCH_PERF).
 pub async fn relay_drain(
     b: &mut Bench,
     n: u64,
@@ -231,6 +232,7 @@ pub async fn relay_drain(
     o: &Overrides,
     cap: Duration,
     key: &str,
+    profile: bool,
 ) -> DrainRow {
     let lane = b
         .lane(
@@ -257,9 +259,7 @@ pub async fn relay_drain(
     );
     consumer.set_base();
     b.reset_statements().await;
-    // The throughput drain of the relay under test, in its first round.
-    let first_round = key.starts_with("relay-") && key.split('#').nth(1).is_none_or(|r| r == "1");
-    let perf = if b.opts.perf && o.batch_size == Some(b.opts.batch) && first_round {
+    let perf = if profile {
         Perf::start(b.dir.path())
     } else {
         None
