@@ -34,6 +34,9 @@ pub struct Running {
     pub sources: Vec<(String, Arc<SourceState>)>,
     /// The metrics.
     pub metrics: Arc<Metrics>,
+    /// Each source's fault injection, in configuration order.
+    #[cfg(feature = "test-hooks")]
+    pub hooks: Vec<(String, Arc<crate::source::TestHooks>)>,
     done: tokio::task::JoinHandle<Result<()>>,
 }
 
@@ -46,6 +49,12 @@ impl Running {
     /// A source's state by name.
     pub fn state(&self, name: &str) -> Option<&Arc<SourceState>> {
         self.sources.iter().find(|(n, _)| n == name).map(|(_, s)| s)
+    }
+
+    /// A source's fault injection by name.
+    #[cfg(feature = "test-hooks")]
+    pub fn hooks(&self, name: &str) -> Option<&Arc<crate::source::TestHooks>> {
+        self.hooks.iter().find(|(n, _)| n == name).map(|(_, h)| h)
     }
 }
 
@@ -104,6 +113,8 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> Result<Ru
             relay: settings.clone(),
             sink: sink.clone(),
             metrics: metrics.clone(),
+            #[cfg(feature = "test-hooks")]
+            hooks: Arc::default(),
         }));
     }
 
@@ -147,6 +158,11 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> Result<Ru
         .iter()
         .map(|s| (s.settings.name.clone(), s.state.clone()))
         .collect();
+    #[cfg(feature = "test-hooks")]
+    let hooks = sources
+        .iter()
+        .map(|s| (s.settings.name.clone(), s.hooks.clone()))
+        .collect();
     let grace = settings.operation_timeout;
     let done = tokio::spawn(async move {
         shutdown.cancelled().await;
@@ -182,6 +198,8 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> Result<Ru
         addr,
         sources: list,
         metrics,
+        #[cfg(feature = "test-hooks")]
+        hooks,
         done,
     })
 }

@@ -439,7 +439,8 @@ async fn a_panicking_source_task_is_restarted_and_goes_on() {
     let mut relay = TestRelay::start(s).await;
     let state = relay.running().state(&src.name).unwrap().clone();
     eventually("leader", DEADLINE, || state.leader.load(Ordering::Relaxed)).await;
-    state.panic_once.store(true, Ordering::Relaxed);
+    let hooks = relay.running().hooks(&src.name).unwrap().clone();
+    hooks.panic_once.store(true, Ordering::Relaxed);
     let restarts = relay
         .running()
         .metrics

@@ -171,11 +171,11 @@ async fn a_stalled_task_turns_liveness_503() {
     let mut relay = TestRelay::start(s).await;
     let (code, _) = relay.until("/health", DEADLINE, |c, _| c == 200).await;
     assert_eq!(code, 200);
-    let state = relay.running().state(&src.name).unwrap().clone();
-    state.stall.store(true, Ordering::Relaxed);
+    let hooks = relay.running().hooks(&src.name).unwrap().clone();
+    hooks.stall.store(true, Ordering::Relaxed);
     let (_, body) = relay.until("/health", DEADLINE, |c, _| c == 503).await;
     assert!(body.contains("stuck"), "{body}");
-    state.stall.store(false, Ordering::Relaxed);
+    hooks.stall.store(false, Ordering::Relaxed);
     relay.until("/health", DEADLINE, |c, _| c == 200).await;
     relay.stop().await;
 }

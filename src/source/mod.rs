@@ -60,9 +60,16 @@ pub struct SourceState {
     pub dead_letter_rows: AtomicI64,
     /// The last error, for `/health/deep`.
     pub last_error: Mutex<Option<String>>,
-    /// Fault injection for tests: while set, the task stops making progress.
+}
+
+/// Fault injection for tests (cargo feature `test-hooks`, which the integration tests
+/// turn on): compiled out of the relay that ships.
+#[cfg(feature = "test-hooks")]
+#[derive(Debug, Default)]
+pub struct TestHooks {
+    /// While set, the source's task stops making progress.
     pub stall: AtomicBool,
-    /// Fault injection for tests: when set, the task panics once at its next step.
+    /// When set, the source's task panics once at its next claim.
     pub panic_once: AtomicBool,
 }
 
@@ -107,6 +114,9 @@ pub struct Source {
     pub sink: Arc<crate::sink::Sink>,
     /// The shared metrics.
     pub metrics: Arc<Metrics>,
+    /// Fault injection for tests.
+    #[cfg(feature = "test-hooks")]
+    pub hooks: Arc<TestHooks>,
 }
 
 /// Why leading a source ended.
@@ -496,12 +506,15 @@ impl Source {
                 && claiming.is_none()
                 && holds.values().all(|h| h.unsettled == 0)
             {
-                if self.state.panic_once.swap(false, Ordering::Relaxed) {
-                    panic!("injected panic in source {}", self.name());
-                }
-                while self.state.stall.load(Ordering::Relaxed) {
-                    if wait(cancel, Duration::from_millis(50)).await {
-                        break;
+                #[cfg(feature = "test-hooks")]
+                {
+                    if self.hooks.panic_once.swap(false, Ordering::Relaxed) {
+                        panic!("injected panic in source {}", self.name());
+                    }
+                    while self.hooks.stall.load(Ordering::Relaxed) {
+                        if wait(cancel, Duration::from_millis(50)).await {
+                            break;
+                        }
                     }
                 }
                 want_claim = false;
