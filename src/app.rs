@@ -4,24 +4,22 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use deadpool_postgres::Pool;
 use futures::FutureExt;
-use rdkafka::producer::Producer;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::config::Settings;
-use crate::http::{router, HttpState};
+use crate::health::SourceHealth;
+use crate::http::{router, HttpState, SourceView};
 use crate::metrics::Metrics;
 use crate::sink;
-use crate::source::store::Store;
-use crate::source::{Source, SourceState};
+use crate::source::Source;
 
 /// Pause before a panicked source task starts again.
 const RESTART_DELAY: Duration = Duration::from_secs(1);
@@ -31,7 +29,7 @@ pub struct Running {
     /// Where the HTTP server listens.
     pub addr: SocketAddr,
     /// Each source's name and state, in configuration order.
-    pub sources: Vec<(String, Arc<SourceState>)>,
+    pub sources: Vec<(String, Arc<SourceHealth>)>,
     /// The metrics.
     pub metrics: Arc<Metrics>,
     /// Each source's fault injection, in configuration order.
@@ -47,7 +45,7 @@ impl Running {
     }
 
     /// A source's state by name.
-    pub fn state(&self, name: &str) -> Option<&Arc<SourceState>> {
+    pub fn state(&self, name: &str) -> Option<&Arc<SourceHealth>> {
         self.sources.iter().find(|(n, _)| n == name).map(|(_, s)| s)
     }
 
@@ -103,19 +101,13 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> Result<Ru
                 p
             }
         };
-        let state = Arc::new(SourceState::default());
-        state.beat();
-        sources.push(Arc::new(Source {
-            settings: s.clone(),
+        sources.push(Arc::new(Source::new(
+            s.clone(),
             pool,
-            store: Store::new(&s.schema),
-            state,
-            relay: settings.clone(),
-            sink: sink.clone(),
-            metrics: metrics.clone(),
-            #[cfg(feature = "test-hooks")]
-            hooks: Arc::default(),
-        }));
+            settings.clone(),
+            sink.clone(),
+            metrics.clone(),
+        )));
     }
 
     let listener = tokio::net::TcpListener::bind(settings.http.listen)
@@ -127,7 +119,11 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> Result<Ru
         metrics: metrics.clone(),
         sources: sources
             .iter()
-            .map(|s| (s.settings.name.clone(), s.pool.clone(), s.state.clone()))
+            .map(|s| SourceView {
+                name: s.settings.name.clone(),
+                pool: s.pool.clone(),
+                health: s.health.clone(),
+            })
             .collect(),
         sink: sink.clone(),
         deep_cache: tokio::sync::Mutex::new(None),
@@ -138,14 +134,11 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> Result<Ru
     for s in &sources {
         tasks.spawn(supervise(s.clone(), work.clone()));
     }
-    let stats_cancel = work.clone();
-    let stats_sources = sources.clone();
-    let refresh = settings.health.refresh_interval;
-    let timeout = settings.operation_timeout;
-    let stats_task =
-        tokio::spawn(
-            async move { refresh_stats(stats_sources, refresh, timeout, stats_cancel).await },
-        );
+    let stats_task = tokio::spawn(crate::source::refresh_stats(
+        sources.clone(),
+        settings.health.refresh_interval,
+        work.clone(),
+    ));
     let http_cancel = shutdown.clone();
     let http_task = tokio::spawn(async move {
         axum::serve(listener, router(http_state))
@@ -154,9 +147,9 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> Result<Ru
     });
     info!(%addr, sources = settings.sources.len(), enabled = settings.enabled, "relay started");
 
-    let list: Vec<(String, Arc<SourceState>)> = sources
+    let list: Vec<(String, Arc<SourceHealth>)> = sources
         .iter()
-        .map(|s| (s.settings.name.clone(), s.state.clone()))
+        .map(|s| (s.settings.name.clone(), s.health.clone()))
         .collect();
     #[cfg(feature = "test-hooks")]
     let hooks = sources
@@ -179,11 +172,10 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> Result<Ru
         }
         stats_task.abort();
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        let p = sink.producer();
         let flushed =
-            tokio::task::spawn_blocking(move || p.flush(left.max(Duration::from_millis(100))))
+            tokio::task::spawn_blocking(move || sink.flush(left.max(Duration::from_millis(100))))
                 .await;
-        if !matches!(flushed, Ok(Ok(()))) {
+        if !matches!(flushed, Ok(true)) {
             warn!("shutdown: producer flush did not finish in time");
         }
         match tokio::time::timeout(Duration::from_secs(1), http_task).await {
@@ -219,64 +211,11 @@ async fn supervise(source: Arc<Source>, cancel: CancellationToken) {
                     .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
                     .unwrap_or_else(|| "unknown panic".into());
                 error!(source = %source.settings.name, panic = %msg, "source task panicked; restarting it");
-                source.state.leader.store(false, Ordering::Relaxed);
-                source
-                    .metrics
-                    .source_leader
-                    .with_label_values(&[&source.settings.name])
-                    .set(0);
-                source
-                    .metrics
-                    .task_restarts
-                    .with_label_values(&[&source.settings.name])
-                    .inc();
-                if let Ok(mut g) = source.state.last_error.lock() {
-                    *g = Some(format!("task panicked: {msg}"));
-                }
+                source.reset_after_panic(&msg);
                 tokio::select! {
                     _ = tokio::time::sleep(RESTART_DELAY) => {}
                     _ = cancel.cancelled() => return,
                 }
-            }
-        }
-    }
-}
-
-/// Refreshes pending counts, lag and dead-letter fill on a timer, not per scrape.
-async fn refresh_stats(
-    sources: Vec<Arc<Source>>,
-    every: Duration,
-    timeout: Duration,
-    cancel: CancellationToken,
-) {
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = cancel.cancelled() => return,
-        }
-        for s in &sources {
-            let r = tokio::time::timeout(timeout, async {
-                let c = s.pool.get().await.map_err(|e| e.to_string())?;
-                s.store.stats(&c).await.map_err(|e| e.to_string())
-            })
-            .await;
-            let name = s.settings.name.as_str();
-            if let Ok(Ok(st)) = r {
-                s.metrics.pending.with_label_values(&[name]).set(st.pending);
-                s.metrics
-                    .oldest_pending_age
-                    .with_label_values(&[name])
-                    .set(st.oldest_age_secs);
-                s.metrics
-                    .dead_letter_rows
-                    .with_label_values(&[name])
-                    .set(st.dead_letter_rows);
-                s.state.pending.store(st.pending, Ordering::Relaxed);
-                s.state
-                    .dead_letter_rows
-                    .store(st.dead_letter_rows, Ordering::Relaxed);
             }
         }
     }

@@ -1,6 +1,5 @@
 //! The HTTP server: `/health` (liveness), `/health/deep` (readiness), `/metrics`.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -10,13 +9,13 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use deadpool_postgres::Pool;
-use rdkafka::producer::Producer;
 use serde::Serialize;
 use serde_json::json;
 
 use crate::config::Settings;
+use crate::health::SourceHealth;
 use crate::metrics::Metrics;
-use crate::source::SourceState;
+use crate::sink::Sink;
 
 /// How long a `/health/deep` answer is reused: probes arriving together share one check.
 const DEEP_CACHE: Duration = Duration::from_secs(2);
@@ -27,12 +26,22 @@ pub struct HttpState {
     pub settings: Arc<Settings>,
     /// Metrics.
     pub metrics: Arc<Metrics>,
-    /// Each source's name, pool and state, in configuration order.
-    pub sources: Vec<(String, Pool, Arc<SourceState>)>,
+    /// Each source, in configuration order.
+    pub sources: Vec<SourceView>,
     /// The producer, for cluster metadata.
-    pub sink: Arc<crate::sink::Sink>,
+    pub sink: Arc<Sink>,
     /// The last deep check, shared by concurrent probes.
     pub deep_cache: tokio::sync::Mutex<Option<(Instant, StatusCode, serde_json::Value)>>,
+}
+
+/// What the handlers see of one source.
+pub struct SourceView {
+    /// Its name.
+    pub name: String,
+    /// Its database's pool, for the reachability check.
+    pub pool: Pool,
+    /// Its visible state.
+    pub health: Arc<SourceHealth>,
 }
 
 /// The router; tests drive it with `tower::ServiceExt::oneshot`.
@@ -59,15 +68,15 @@ async fn health(State(st): State<Arc<HttpState>>) -> Response {
     let sources: Vec<_> = st
         .sources
         .iter()
-        .map(|(name, _, state)| {
-            let silent = state.silent_for();
+        .map(|s| {
+            let silent = s.health.silent_for();
             let alive = silent <= bound;
             ok &= alive;
             json!({
-                "source": name,
+                "source": s.name,
                 "status": if alive { "ok" } else { "stuck" },
                 "silent_for_s": silent.as_secs_f64(),
-                "leader": state.leader.load(Ordering::Relaxed),
+                "leader": s.health.is_leader(),
             })
         })
         .collect();
@@ -111,10 +120,10 @@ async fn health_deep(State(st): State<Arc<HttpState>>) -> Response {
 /// Runs every deep check concurrently, each under its own deadline.
 async fn deep_check(st: &HttpState) -> (StatusCode, serde_json::Value) {
     let deadline = st.settings.operation_timeout.min(Duration::from_secs(3));
-    let db_checks = st.sources.iter().map(|(name, pool, _)| async move {
+    let db_checks = st.sources.iter().map(|s| async move {
         let started = Instant::now();
         let r = tokio::time::timeout(deadline, async {
-            let c = pool.get().await.map_err(|e| e.to_string())?;
+            let c = s.pool.get().await.map_err(|e| e.to_string())?;
             c.simple_query("SELECT 1")
                 .await
                 .map_err(|e| e.to_string())?;
@@ -123,23 +132,17 @@ async fn deep_check(st: &HttpState) -> (StatusCode, serde_json::Value) {
         .await
         .unwrap_or_else(|_| Err(format!("no answer within {deadline:?}")));
         Check {
-            component: format!("database:{name}"),
+            component: format!("database:{}", s.name),
             status: if r.is_ok() { "ok" } else { "down" },
             latency_ms: started.elapsed().as_secs_f64() * 1000.0,
             message: r.err().unwrap_or_else(|| "reachable".into()),
             details: None,
         }
     });
-    let producer = st.sink.producer();
+    let sink = st.sink.clone();
     let kafka_check = async move {
         let started = Instant::now();
-        let r = tokio::task::spawn_blocking(move || {
-            producer
-                .client()
-                .fetch_metadata(None, deadline)
-                .map(|m| m.brokers().len())
-        })
-        .await;
+        let r = tokio::task::spawn_blocking(move || sink.broker_count(deadline)).await;
         let (status, message) = match r {
             Ok(Ok(n)) if n > 0 => ("ok", format!("{n} brokers in cluster metadata")),
             Ok(Ok(_)) => ("down", "cluster metadata lists no broker".to_string()),
@@ -159,16 +162,14 @@ async fn deep_check(st: &HttpState) -> (StatusCode, serde_json::Value) {
     checks.push(kafka);
 
     let lag_threshold = st.settings.health.lag_threshold.as_secs_f64();
-    for (name, _, state) in &st.sources {
+    for s in &st.sources {
+        let name = &s.name;
         let age = st
             .metrics
             .oldest_pending_age
             .with_label_values(&[name])
             .get();
-        let pending = state.pending.load(Ordering::Relaxed);
-        let processed = state.processed.load(Ordering::Relaxed);
-        let failed = state.failed.load(Ordering::Relaxed);
-        let last_error = state.last_error.lock().ok().and_then(|g| g.clone());
+        let h = s.health.snapshot();
         let lag_ok = age <= lag_threshold;
         checks.push(Check {
             component: format!("lag:{name}"),
@@ -178,16 +179,16 @@ async fn deep_check(st: &HttpState) -> (StatusCode, serde_json::Value) {
                 "oldest pending event is {age:.1}s old (threshold {lag_threshold:.0}s)"
             ),
             details: Some(json!({
-                "events_processed": processed,
-                "events_failed": failed,
-                "events_pending": pending,
+                "events_processed": h.processed,
+                "events_failed": h.failed,
+                "events_pending": h.pending,
                 "oldest_pending_age_s": age,
-                "last_error": last_error,
-                "leader": state.leader.load(Ordering::Relaxed),
+                "last_error": h.last_error,
+                "leader": h.leader,
                 "health_status": if lag_ok { "healthy" } else { "lagging" },
             })),
         });
-        let rows = state.dead_letter_rows.load(Ordering::Relaxed);
+        let rows = h.dead_letter_rows;
         let cap = st.settings.dead_letter_size;
         let fill_ok = rows < cap || cap == 0 && rows == 0;
         checks.push(Check {

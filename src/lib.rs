@@ -8,6 +8,8 @@ pub mod cli;
 pub mod config;
 pub mod db;
 pub mod dead_letter;
+pub mod event;
+pub mod health;
 pub mod http;
 pub mod metrics;
 pub mod migrate;

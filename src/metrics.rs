@@ -7,7 +7,7 @@ use prometheus::{
     Registry, TextEncoder,
 };
 
-use crate::sink::FAILURE_REASONS;
+use crate::sink::Reason;
 
 /// The relay's metrics.
 pub struct Metrics {
@@ -193,7 +193,7 @@ impl Metrics {
 
         for s in sources {
             published.with_label_values(&[s]);
-            for r in FAILURE_REASONS {
+            for r in Reason::ALL.map(Reason::label) {
                 failed.with_label_values(&[s, r]);
             }
             dead_lettered.with_label_values(&[s]);

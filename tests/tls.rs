@@ -101,7 +101,10 @@ async fn session_encrypted(client: &tokio_postgres::Client) -> Result<bool, Stri
 
 /// Whether the relay's own connection to `url` is encrypted.
 async fn encrypted(url: &str) -> Result<bool, String> {
-    let (client, _notices) = DatabaseUrl::parse(url)?.connect(TIMEOUT).await?;
+    let (client, _notices) = DatabaseUrl::parse(url)?
+        .connect(TIMEOUT)
+        .await
+        .map_err(|e| e.to_string())?;
     session_encrypted(&client).await
 }
 

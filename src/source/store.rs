@@ -2,49 +2,35 @@
 //! Every statement is built once per source with the validated, quoted schema name and
 //! prepared once per connection (`prepare_cached`).
 
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use deadpool_postgres::GenericClient;
-use tokio_postgres::Error as PgError;
-use uuid::Uuid;
+use tokio_postgres::Row;
 
-use crate::db::quote_ident;
+use crate::db::{quote_ident, DbError};
+use crate::event::Event;
 
-/// One outbox row, as the relay reads it.
-#[derive(Debug, Clone)]
-pub struct Event {
-    /// Order of events.
-    pub id: i64,
-    /// Stable identity for consumers' deduplication.
-    pub event_id: Uuid,
-    /// Aggregate type.
-    pub aggregate_type: String,
-    /// Aggregate id: the Kafka key.
-    pub aggregate_id: String,
-    /// Event type.
-    pub event_type: String,
-    /// Payload JSON text; `None` is a tombstone.
-    pub payload: Option<String>,
-    /// Topic override.
-    pub topic: Option<String>,
-    /// Extra headers, JSON text.
-    pub headers: Option<String>,
-    /// Correlation id.
-    pub correlation_id: Option<String>,
-    /// Idempotency token.
-    pub idempotency_token: Option<String>,
-    /// When the service wrote it.
-    pub created_at: SystemTime,
-    /// Failed attempts so far.
-    pub retry_count: i32,
-    /// Attempts allowed before the dead-letter table.
-    pub max_retries: i32,
-}
-
-/// The columns the relay reads, in [`Event`]'s order.
+/// The columns the relay reads, in [`Event`]'s order, named as [`NAMES`] says.
 const COLUMNS: &str = "o.id, o.event_id, o.aggregate_type, o.aggregate_id, o.event_type, \
      o.payload::text, o.topic, o.headers::text, o.correlation_id, o.idempotency_token, \
      o.created_at, o.retry_count, COALESCE(o.max_retries, $2::int)";
+
+/// The names of [`COLUMNS`], for errors about a row.
+const NAMES: [&str; 13] = [
+    "id",
+    "event_id",
+    "aggregate_type",
+    "aggregate_id",
+    "event_type",
+    "payload",
+    "topic",
+    "headers",
+    "correlation_id",
+    "idempotency_token",
+    "created_at",
+    "retry_count",
+    "max_retries",
+];
 
 /// The columns both tables share, for moving rows between them.
 pub const SHARED_COLUMNS: &str =
@@ -218,47 +204,33 @@ impl Store {
         default_max_retries: i32,
         block_after_dead_letter: bool,
         exclude: &[i64],
-    ) -> Result<Vec<Event>, PgError> {
+    ) -> Result<Vec<Event>, DbError> {
         let sql = if block_after_dead_letter {
             &self.claim_blocking_dead
         } else {
             &self.claim
         };
+        let pg = |e: tokio_postgres::Error| DbError::pg("claim", &e);
         let rows = match Complement::of(exclude) {
             Some(c) => {
-                let stmt = client.prepare_cached(&sql.by_gaps).await?;
+                let stmt = client.prepare_cached(&sql.by_gaps).await.map_err(pg)?;
                 client
                     .query(
                         &stmt,
                         &[&limit, &default_max_retries, &c.below, &c.gaps, &c.above],
                     )
-                    .await?
+                    .await
+                    .map_err(pg)?
             }
             None => {
-                let stmt = client.prepare_cached(&sql.by_list).await?;
+                let stmt = client.prepare_cached(&sql.by_list).await.map_err(pg)?;
                 client
                     .query(&stmt, &[&limit, &default_max_retries, &exclude])
-                    .await?
+                    .await
+                    .map_err(pg)?
             }
         };
-        Ok(rows
-            .iter()
-            .map(|r| Event {
-                id: r.get(0),
-                event_id: r.get(1),
-                aggregate_type: r.get(2),
-                aggregate_id: r.get(3),
-                event_type: r.get(4),
-                payload: r.get(5),
-                topic: r.get(6),
-                headers: r.get(7),
-                correlation_id: r.get(8),
-                idempotency_token: r.get(9),
-                created_at: r.get(10),
-                retry_count: r.get(11),
-                max_retries: r.get(12),
-            })
-            .collect())
+        rows.iter().map(decode).collect()
     }
 
     /// Deletes delivered rows, `chunk` ids per statement.
@@ -267,15 +239,17 @@ impl Store {
         client: &C,
         ids: &[i64],
         chunk: usize,
-    ) -> Result<u64, PgError> {
-        let stmt = client.prepare_cached(&self.delete).await?;
+    ) -> Result<u64, DbError> {
+        let pg = |e: tokio_postgres::Error| DbError::pg("delete delivered rows", &e);
+        let stmt = client.prepare_cached(&self.delete).await.map_err(pg)?;
         // The chunks go out pipelined on the connection: one round trip, not one per chunk.
         let stmt = &stmt;
         let counts = futures::future::try_join_all(
             ids.chunks(chunk.max(1))
                 .map(|part| async move { client.execute(stmt, &[&part]).await }),
         )
-        .await?;
+        .await
+        .map_err(pg)?;
         Ok(counts.into_iter().sum())
     }
 
@@ -287,10 +261,14 @@ impl Store {
         ids: &[i64],
         errors: &[String],
         delays: &[Duration],
-    ) -> Result<u64, PgError> {
-        let stmt = client.prepare_cached(&self.retry).await?;
+    ) -> Result<u64, DbError> {
+        let pg = |e: tokio_postgres::Error| DbError::pg("record retries", &e);
+        let stmt = client.prepare_cached(&self.retry).await.map_err(pg)?;
         let delays: Vec<i64> = delays.iter().map(|d| d.as_millis() as i64).collect();
-        client.execute(&stmt, &[&ids, &errors, &delays]).await
+        client
+            .execute(&stmt, &[&ids, &errors, &delays])
+            .await
+            .map_err(pg)
     }
 
     /// Moves rows to the dead-letter table, atomically, as far as `capacity` allows.
@@ -303,7 +281,20 @@ impl Store {
         errors: &[String],
         capacity: i64,
         park_for: Duration,
-    ) -> Result<(u64, u64), PgError> {
+    ) -> Result<(u64, u64), DbError> {
+        self.dead_letter_tx(client, ids, errors, capacity, park_for)
+            .await
+            .map_err(|e| DbError::pg("dead-letter", &e))
+    }
+
+    async fn dead_letter_tx(
+        &self,
+        client: &mut deadpool_postgres::Client,
+        ids: &[i64],
+        errors: &[String],
+        capacity: i64,
+        park_for: Duration,
+    ) -> Result<(u64, u64), tokio_postgres::Error> {
         let count_stmt = client.prepare_cached(&self.dead_letter_count).await?;
         let move_stmt = client.prepare_cached(&self.dead_letter_move).await?;
         let park_stmt = client.prepare_cached(&self.park).await?;
@@ -334,15 +325,39 @@ impl Store {
     }
 
     /// Counts for metrics and health.
-    pub async fn stats<C: GenericClient>(&self, client: &C) -> Result<Stats, PgError> {
-        let stmt = client.prepare_cached(&self.stats).await?;
-        let row = client.query_one(&stmt, &[]).await?;
+    pub async fn stats<C: GenericClient>(&self, client: &C) -> Result<Stats, DbError> {
+        let pg = |e: tokio_postgres::Error| DbError::pg("stats", &e);
+        let stmt = client.prepare_cached(&self.stats).await.map_err(pg)?;
+        let row = client.query_one(&stmt, &[]).await.map_err(pg)?;
         Ok(Stats {
-            pending: row.get(0),
-            oldest_age_secs: row.get(1),
-            dead_letter_rows: row.get(2),
+            pending: row.try_get(0).map_err(pg)?,
+            oldest_age_secs: row.try_get(1).map_err(pg)?,
+            dead_letter_rows: row.try_get(2).map_err(pg)?,
         })
     }
+}
+
+/// One claimed row as an [`Event`], or an error naming the column that would not decode.
+fn decode(r: &Row) -> Result<Event, DbError> {
+    fn col<'a, T: tokio_postgres::types::FromSql<'a>>(r: &'a Row, i: usize) -> Result<T, DbError> {
+        r.try_get(i)
+            .map_err(|e| DbError::pg(format!("claim: column {}", NAMES[i]), &e))
+    }
+    Ok(Event {
+        id: col(r, 0)?,
+        event_id: col(r, 1)?,
+        aggregate_type: col(r, 2)?,
+        aggregate_id: col(r, 3)?,
+        event_type: col(r, 4)?,
+        payload: col(r, 5)?,
+        topic: col(r, 6)?,
+        headers: col(r, 7)?,
+        correlation_id: col(r, 8)?,
+        idempotency_token: col(r, 9)?,
+        created_at: col(r, 10)?,
+        retry_count: col(r, 11)?,
+        max_retries: col(r, 12)?,
+    })
 }
 
 #[cfg(test)]

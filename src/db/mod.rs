@@ -1,5 +1,9 @@
 //! PostgreSQL connection settings: URLs with libpq's `sslmode`s, TLS, pools and
-//! dedicated connections.
+//! dedicated connections; [`DbError`] for what goes wrong.
+
+mod error;
+
+pub use error::{DbError, DbErrorKind};
 
 use std::fmt;
 use std::future::Future;
@@ -197,10 +201,11 @@ impl DatabaseUrl {
             tokio_postgres::Client,
             tokio::sync::mpsc::UnboundedReceiver<Notice>,
         ),
-        String,
+        DbError,
     > {
         use futures::StreamExt;
-        let tls = self.tls()?;
+        let what = || format!("connect to {}", self.redacted);
+        let tls = self.tls().map_err(|e| DbError::other(what(), e))?;
         let mut cfg = self.config(timeout);
         // This connection holds the source's advisory lock. Ask the server to probe it,
         // so that if the relay's node vanishes the lock is freed in seconds, not after
@@ -211,8 +216,8 @@ impl DatabaseUrl {
         );
         let (client, mut connection) = tokio::time::timeout(timeout, cfg.connect(tls))
             .await
-            .map_err(|_| format!("connect to {}: timed out after {timeout:?}", self.redacted))?
-            .map_err(|e| format!("connect to {}: {}", self.redacted, chain(&e)))?;
+            .map_err(|_| DbError::timed_out(what(), timeout))?
+            .map_err(|e| DbError::pg(what(), &e))?;
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(async move {
             let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));

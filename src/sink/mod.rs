@@ -1,0 +1,216 @@
+//! Kafka: the sink owns publishing. A source hands it events one batch at a time
+//! ([`Sink::outgoing`]) and gets back, per event, delivered or a [`Failure`] with its
+//! reason and blame; no librdkafka type leaves this module.
+//!
+//! - `record.rs`: an event becomes a record (topic, key, payload, headers);
+//! - `classify.rs`: what each librdkafka error means, in one table;
+//! - `producer.rs`: the producer's settings and log routing.
+
+mod classify;
+mod producer;
+mod record;
+
+use std::fmt::Write as _;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use futures::FutureExt;
+use rdkafka::error::KafkaError;
+use rdkafka::producer::{DeliveryFuture, FutureRecord, Producer as _};
+use tracing::{error, warn};
+
+pub use classify::{classify, Blame, Classified, Failure, Reason};
+pub use producer::{Producer, RelayContext};
+pub use record::{build_record, Record};
+
+use crate::config::KafkaSettings;
+use crate::event::Event;
+
+/// How long past `message.timeout.ms` a batch waits for its acknowledgements: librdkafka
+/// resolves every delivery within that timeout; the margin only guards against a lost
+/// callback.
+pub const ACK_MARGIN: Duration = Duration::from_secs(5);
+
+/// Every record of a batch, acknowledged or failed, by its index in the batch.
+pub type Acks = BoxFuture<'static, Vec<(usize, Result<(), Failure>)>>;
+
+/// The shared producer, replaced when librdkafka declares it dead.
+pub struct Sink {
+    current: RwLock<Producer>,
+    kafka: KafkaSettings,
+    operation_timeout: Duration,
+}
+
+impl Sink {
+    /// Creates the producer: idempotent, acks=all, murmur2 partitioner, and every
+    /// operation bounded by `operation_timeout`.
+    pub fn new(kafka: &KafkaSettings, operation_timeout: Duration) -> Result<Sink, KafkaError> {
+        Ok(Sink {
+            current: RwLock::new(producer::create_producer(kafka, operation_timeout)?),
+            kafka: kafka.clone(),
+            operation_timeout,
+        })
+    }
+
+    /// The producer to hand the next batch to.
+    pub fn producer(&self) -> Producer {
+        match self.current.read() {
+            Ok(p) => p.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Starts a batch of records for `source`, whose events without a topic of their
+    /// own go to `default_topic`.
+    pub fn outgoing(self: &Arc<Self>, source: Arc<str>, default_topic: Arc<str>) -> Outgoing {
+        Outgoing {
+            sink: self.clone(),
+            producer: self.producer(),
+            source,
+            default_topic,
+            pending: Vec::new(),
+            event_id: String::with_capacity(36),
+        }
+    }
+
+    /// Cluster metadata: how many brokers the producer knows, within `timeout`. Blocks.
+    pub fn broker_count(&self, timeout: Duration) -> Result<usize, String> {
+        self.producer()
+            .client()
+            .fetch_metadata(None, timeout)
+            .map(|m| m.brokers().len())
+            .map_err(|e| e.to_string())
+    }
+
+    /// Waits up to `timeout` for every record handed over to be acknowledged. Blocks.
+    pub fn flush(&self, timeout: Duration) -> bool {
+        self.producer().flush(timeout).is_ok()
+    }
+
+    /// After a failed batch: when `used` has hit a fatal error, or `broken` says the
+    /// brokers no longer accept its producer id (fenced, unknown id, epoch or sequence
+    /// errors), replaces it with a new producer, once, whoever asks first. Returns why.
+    fn renew_if_broken(&self, used: &Producer, broken: Option<&str>) -> Option<String> {
+        let why = match (used.client().fatal_error(), broken) {
+            (Some((code, why)), _) => format!("fatal {code:?}: {why}"),
+            (None, Some(b)) => b.to_string(),
+            (None, None) => return None,
+        };
+        let mut current = match self.current.write() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if current.client().native_ptr() == used.client().native_ptr() {
+            match producer::create_producer(&self.kafka, self.operation_timeout) {
+                Ok(p) => {
+                    *current = p;
+                    warn!(reason = %why, "kafka producer replaced with a new one");
+                }
+                Err(e) => {
+                    error!(error = %e, reason = %why, "kafka producer is broken and a new one cannot be created")
+                }
+            }
+        }
+        Some(why)
+    }
+}
+
+/// One batch being handed to the producer.
+pub struct Outgoing {
+    sink: Arc<Sink>,
+    producer: Producer,
+    source: Arc<str>,
+    default_topic: Arc<str>,
+    pending: Vec<(usize, DeliveryFuture)>,
+    event_id: String,
+}
+
+impl Outgoing {
+    /// Hands event `i` of the batch to the producer, or says why it cannot go: a row
+    /// that cannot become a record, or a record the producer refuses at once (a full
+    /// queue is a transport failure: the caller keeps the rest of the batch back).
+    pub fn send(&mut self, i: usize, e: &Event) -> Result<(), Failure> {
+        self.event_id.clear();
+        let _ = write!(self.event_id, "{}", e.event_id);
+        let record = build_record(e, &self.source, &self.default_topic, &self.event_id)?;
+        let mut fr = FutureRecord::to(record.topic)
+            .key(record.key)
+            .headers(record.headers);
+        if let Some(p) = record.payload {
+            fr = fr.payload(p);
+        }
+        let delivery = self
+            .producer
+            .send_result(fr)
+            .map_err(|(err, _)| classify(&err).failure)?;
+        self.pending.push((i, delivery));
+        Ok(())
+    }
+
+    /// Every record handed over, acknowledged or failed. A record without an answer
+    /// within `message.timeout.ms` plus [`ACK_MARGIN`] is a transport failure. When
+    /// the brokers no longer accept the producer, it is replaced before this returns.
+    pub fn acks(self) -> Acks {
+        let Outgoing {
+            sink,
+            producer,
+            pending,
+            ..
+        } = self;
+        let deadline = sink.operation_timeout + ACK_MARGIN;
+        async move {
+            let sent: Vec<usize> = pending.iter().map(|(i, _)| *i).collect();
+            // Awaited one after the other: acknowledgements arrive roughly in send order,
+            // so this task wakes about once per produce response, not once per record as
+            // a join of a thousand futures would.
+            let collect = async move {
+                let mut results = Vec::with_capacity(pending.len());
+                for (i, delivery) in pending {
+                    results.push((i, delivery.await));
+                }
+                results
+            };
+            let Ok(results) = tokio::time::timeout(deadline, collect).await else {
+                let f = Failure::transport(format!("no acknowledgement within {deadline:?}"));
+                return sent.into_iter().map(|i| (i, Err(f.clone()))).collect();
+            };
+            let mut broken: Option<String> = None;
+            let mut out: Vec<(usize, Result<(), Failure>)> = results
+                .into_iter()
+                .map(|(i, r)| {
+                    let r = match r {
+                        Ok(Ok(_delivery)) => Ok(()),
+                        Ok(Err((err, _msg))) => {
+                            let c = classify(&err);
+                            if c.breaks_producer && broken.is_none() {
+                                broken = Some(err.to_string());
+                            }
+                            Err(c.failure)
+                        }
+                        Err(_canceled) => Err(Failure::transport(
+                            "the producer dropped the delivery".into(),
+                        )),
+                    };
+                    (i, r)
+                })
+                .collect();
+            let transport =
+                |r: &Result<(), Failure>| matches!(r, Err(f) if f.blame() == Blame::Transport);
+            if out.iter().any(|(_, r)| transport(r)) {
+                // A fenced or otherwise dead producer fails every batch until replaced.
+                if let Some(why) = sink.renew_if_broken(&producer, broken.as_deref()) {
+                    for (_, r) in out.iter_mut() {
+                        if let Err(f) = r {
+                            if f.blame() == Blame::Transport {
+                                f.message = format!("{} (producer replaced: {why})", f.message);
+                            }
+                        }
+                    }
+                }
+            }
+            out
+        }
+        .boxed()
+    }
+}

@@ -1,0 +1,79 @@
+//! What the pipeline asks of the world ([`Ports`]: PostgreSQL's claims and settles,
+//! Kafka's hand-over), and what it hands back.
+
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+
+use super::Settlement;
+use crate::config::RetrySettings;
+use crate::db::DbError;
+use crate::event::Event;
+use crate::sink::{Acks, Failure};
+
+/// What the pipeline asks of PostgreSQL and Kafka.
+pub trait Ports: Send + Sync {
+    /// One batch being handed to Kafka.
+    type Batch: Handover;
+    /// Claims the next batch, leaving out `exclude` (the ids the pipeline holds). Runs
+    /// on its own task, so PostgreSQL reads while the pipeline hands a batch over.
+    fn claim(&self, exclude: Vec<i64>) -> BoxFuture<'static, Result<Vec<Event>, DbError>>;
+    /// Starts a batch for Kafka.
+    fn batch(&self) -> Self::Batch;
+    /// Settles landed batches: deletes, retries, dead-letters; hands them back.
+    fn settle(&self, landed: Vec<Landed>) -> BoxFuture<'static, SettleOutcome>;
+}
+
+/// One batch being handed to Kafka (the sink's [`crate::sink::Outgoing`]).
+pub trait Handover: Send {
+    /// Hands event `i` of the batch over, or says why it cannot go.
+    fn send(&mut self, i: usize, e: &Event) -> Result<(), Failure>;
+    /// Every event handed over, acknowledged or failed.
+    fn acks(self) -> Acks;
+}
+
+impl Handover for crate::sink::Outgoing {
+    fn send(&mut self, i: usize, e: &Event) -> Result<(), Failure> {
+        crate::sink::Outgoing::send(self, i, e)
+    }
+    fn acks(self) -> Acks {
+        crate::sink::Outgoing::acks(self)
+    }
+}
+
+/// Why leading a source ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ended {
+    /// The relay is shutting down.
+    Cancelled,
+    /// The lock's connection closed, with why.
+    LostLock(String),
+}
+
+/// A batch whose every record was acknowledged or failed, for the settle.
+pub struct Landed {
+    /// Its place in send order.
+    pub seq: u64,
+    /// Its events.
+    pub batch: Vec<Event>,
+    /// What becomes of them.
+    pub settlement: Settlement,
+}
+
+/// Landed batches and whether settling them succeeded.
+pub type SettleOutcome = (Vec<Landed>, Result<(), DbError>);
+
+/// The pipeline's settings.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// `batch_size`: rows per claim.
+    pub batch_size: usize,
+    /// `in_flight_batches`: batches with the producer at once.
+    pub in_flight: usize,
+    /// `process_interval`: the longest wait between claims without a wake-up.
+    pub process_interval: Duration,
+    /// `delete_batch_size`: delivered rows worth a settle without waiting.
+    pub delete_batch_size: usize,
+    /// `[retry]`: what a failure does to its event, and the outage backoff's base.
+    pub retry: RetrySettings,
+}
