@@ -7,8 +7,8 @@ use std::panic::AssertUnwindSafe;
 use std::time::Duration;
 
 use common::{
-    consume, consume_async, create_topic, free_port, unique_name, wait_until, Broker, PgServer,
-    Received,
+    consume, consume_async, create_topic, eventually_blocking, free_port, unique_name, Broker,
+    PgServer, Received,
 };
 use rdkafka::config::ClientConfig;
 use rdkafka::message::{Header, OwnedHeaders};
@@ -128,14 +128,15 @@ fn helpers() {
     std::net::TcpListener::bind(("127.0.0.1", p)).expect("free_port is bindable");
 
     let mut calls = 0;
-    wait_until("third call", Duration::from_secs(5), || {
+    eventually_blocking("third call", Duration::from_secs(5), || {
         calls += 1;
         calls == 3
     });
     assert_eq!(calls, 3);
-    let err =
-        std::panic::catch_unwind(|| wait_until("never", Duration::from_millis(100), || false))
-            .expect_err("must time out");
+    let err = std::panic::catch_unwind(|| {
+        eventually_blocking("never", Duration::from_millis(100), || false)
+    })
+    .expect_err("must time out");
     let msg = err.downcast_ref::<String>().cloned().unwrap_or_default();
     assert!(msg.contains("never"), "{msg}");
 }
