@@ -161,8 +161,13 @@ async fn a_stalled_task_turns_liveness_503() {
         .start()
         .await;
     let src = sc.src();
-    let (code, _) = relay.until("/health", DEADLINE, |c, _| c == 200).await;
-    assert_eq!(code, 200);
+    let (_, body) = relay.until("/health", DEADLINE, |c, _| c == 200).await;
+    // The bound is the longest a source may stay silent: 5s past the 1s operation
+    // timeout (the longest step) and 5s of slack; 20s with the default 10s.
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["bound_s"], 11.0, "{v}");
+    assert_eq!(v["sources"][0]["source"], src.name.as_str(), "{v}");
+    assert_eq!(v["sources"][0]["status"], "ok", "{v}");
     let hooks = relay.running().hooks(&src.name).unwrap().clone();
     hooks.stall.store(true, Ordering::Relaxed);
     let (_, body) = relay.until("/health", DEADLINE, |c, _| c == 503).await;

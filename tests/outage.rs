@@ -87,13 +87,19 @@ async fn held_back_events_grow_the_lag_gauge_and_degrade_the_lag_check() {
     let gauge = |text: &str, name: &str| Metrics::parse(text).of_source(name, &src.name);
     let age = |text: &str| gauge(text, "outbox_oldest_pending_age_seconds");
     let (_, t1) = relay.until("/metrics", DEADLINE, |_, b| age(b) > 0.5).await;
+    let t1_at = Instant::now();
     let (_, t2) = relay
         .until("/metrics", DEADLINE, |_, b| age(b) > age(&t1) + 1.0)
         .await;
+    let between = t1_at.elapsed().as_secs_f64();
+    // While the ten events are held the age grows with the clock, in seconds, not faster.
     assert!(
-        age(&t2) > age(&t1),
-        "the oldest-pending age grows while events are held"
+        age(&t2) - age(&t1) <= between + 1.0,
+        "the oldest-pending age grew {}s in {between}s",
+        age(&t2) - age(&t1)
     );
+    assert_eq!(gauge(&t2, "outbox_events_pending"), 10.0);
+    assert_eq!(sc.outbox_rows(src), 10, "held, not lost");
     let (code, body) = relay
         .until("/health/deep", DEADLINE, |_, b| b.contains("\"degraded\""))
         .await;
