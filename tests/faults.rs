@@ -7,9 +7,10 @@ mod common;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use common::{audit, eventually, header, Scenario, TestRelay, DEADLINE};
+use common::broker::produce_one;
+use common::{audit, eventually, header, Metrics, Scenario, TestRelay, DEADLINE};
 use outbox_relay::dead_letter::{self, Filter};
-use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+use rdkafka::types::{RDKafkaApiKey, RDKafkaErrorCode, RDKafkaRespErr};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn transient_produce_errors_are_retried_by_the_producer_without_losing_order() {
@@ -20,22 +21,50 @@ async fn transient_produce_errors_are_retried_by_the_producer_without_losing_ord
         .migrated()
         .await;
     let src = sc.src();
+    // A topic of the test's own, so that its probes never reach the relay's consumers.
+    let probe = format!("{}.probe", src.schema);
+    sc.kafka.create_topic(&probe, 1);
+    // The mock cluster answers the next produce requests, whoever sends them, with these
+    // errors, in this order: the first is the probe's, the other four the relay's. The
+    // probe never retries, except on leader errors (librdkafka always does): the last
+    // error is not one, so a probe succeeds only once none of them is left.
     sc.kafka.mock().request_errors(
         RDKafkaApiKey::Produce,
         &[
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS,
             RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION,
             RDKafkaRespErr::RD_KAFKA_RESP_ERR_REQUEST_TIMED_OUT,
-            RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS,
             RDKafkaRespErr::RD_KAFKA_RESP_ERR_LEADER_NOT_AVAILABLE,
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS,
         ],
+    );
+    assert_eq!(
+        produce_one(&sc.bootstrap(), &probe).await,
+        Err(RDKafkaErrorCode::NotEnoughReplicas),
+        "the injected errors are waiting for produce requests"
     );
     sc.insert_events(src, 400, 11, 0);
     let mut relay = sc.start_relay().await;
     let got = sc.consume(&src.topic, 400).await;
     sc.wait_outbox_empty(src).await;
+    let (_, text) = relay.get("/metrics").await;
     relay.stop().await;
     assert_eq!(audit(&got), (400, 0, 0));
     assert_eq!(sc.dead_letter_rows(src), 0);
+    assert_eq!(
+        produce_one(&sc.bootstrap(), &probe).await,
+        Ok(()),
+        "the relay's produce requests were answered with all four injected errors"
+    );
+    let m = Metrics::parse(&text);
+    assert_eq!(
+        m.value(
+            "outbox_events_failed_total",
+            &[("source", &src.name), ("reason", "transport")]
+        ),
+        Some(0.0),
+        "the producer retried them; no batch failed for the relay"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

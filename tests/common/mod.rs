@@ -4,7 +4,8 @@
 //!
 //! * [`postgres`]: [`PgServer`], a private PostgreSQL cluster per test.
 //! * [`broker`]: Kafka: the tansu [`Broker`] process, librdkafka's mock cluster
-//!   ([`broker::mock`]), [`Kafka`] for either, [`create_topic`], [`consume`].
+//!   ([`broker::mock`]), [`Kafka`] for either, [`create_topic`], [`consume`],
+//!   [`broker::produce_one`].
 //! * [`outbox`]: a test's [`TestSource`] (its own schema and topic), writing events,
 //!   counting rows, auditing what consumers received.
 //! * [`relay`]: the relay's configuration built with setters ([`RelayConfig`]) and the
