@@ -3,12 +3,11 @@
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::relay::{audit, header, insert_events, outbox_rows};
-use common::{consume, create_topic, unique_name, wait_until, Broker, PgServer};
+use common::{audit, eventually_blocking, header, Metrics, RelayConfig, Scenario};
 
 const BIN: &str = env!("CARGO_BIN_EXE_outbox-relay");
 const DEADLINE: Duration = Duration::from_secs(90);
@@ -60,18 +59,11 @@ fn spawn(mut cmd: Command) -> Relay {
     Relay(cmd.spawn().expect("spawn outbox-relay"))
 }
 
+/// Waits for the relay to exit; on a timeout the test fails and [`Relay`]'s drop kills it.
 fn wait_exit(child: &mut Child, deadline: Duration) -> std::process::ExitStatus {
-    let end = Instant::now() + deadline;
-    loop {
-        if let Some(st) = child.try_wait().expect("try_wait") {
-            return st;
-        }
-        if Instant::now() >= end {
-            let _ = child.kill();
-            panic!("relay did not exit within {deadline:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    eventually_blocking("the relay exits", deadline, || {
+        child.try_wait().expect("try_wait")
+    })
 }
 
 fn sigterm(child: &Child) {
@@ -82,121 +74,111 @@ fn sigterm(child: &Child) {
     assert!(st.success());
 }
 
-/// A relay configuration of one source with a fresh schema, migrated by the binary.
-struct OneSource {
+/// A scenario on tansu whose relay is the binary: each source of `names` called so, in
+/// database `postgres`, with a topic of `partitions` partitions.
+fn scenario(names: &[&str], partitions: i32) -> Scenario {
+    names
+        .iter()
+        .fold(Scenario::builder(), |b, name| {
+            b.named_source_in("postgres", name)
+        })
+        .tansu()
+        .partitions(partitions)
+        .deadline(DEADLINE)
+        .build()
+}
+
+/// The scenario's configuration as a file of the binary's: one top-level `database_url`
+/// for the sources in database `postgres` (which name none of their own), a 300 ms poll.
+fn file_config(sc: &Scenario) -> RelayConfig {
+    let config = sc
+        .config
+        .clone()
+        .set("database_url", sc.pg.url("postgres"))
+        .set("process_interval", "300ms");
+    sc.sources
+        .iter()
+        .filter(|s| s.db == "postgres")
+        .fold(config, |c, s| c.source_unset(&s.name, "database_url"))
+}
+
+/// A relay configuration file and the relay's log, in a directory of their own; the
+/// schemas migrated by the binary.
+struct Files {
     _dir: tempfile::TempDir,
-    config: std::path::PathBuf,
-    log: std::path::PathBuf,
-    schema: String,
-    topic: String,
+    config: PathBuf,
+    log: PathBuf,
 }
 
-impl OneSource {
-    /// `extra` holds top-level settings; the source is named `name`.
-    fn new(pg: &PgServer, brokers: &str, name: &str, extra: &str) -> OneSource {
+impl Files {
+    fn migrated(config: &RelayConfig, env: &[(&str, &str)]) -> Files {
         let dir = tempfile::tempdir().unwrap();
-        let schema = unique_name(name);
-        let topic = format!("{schema}.events");
-        let toml = format!(
-            "database_url = \"{}\"\nprocess_interval = \"300ms\"\n{extra}\n\
-             [kafka]\nbrokers = \"{brokers}\"\n[http]\nlisten = \"127.0.0.1:0\"\n\
-             [[sources]]\nname = \"{name}\"\nschema = \"{schema}\"\ntopic = \"{topic}\"\n",
-            pg.url("postgres"),
-        );
-        let config = dir.path().join("relay.toml");
-        std::fs::write(&config, toml).unwrap();
-        let log = dir.path().join("relay.log");
-        let st = relay(&config, &["migrate"], &[], &log).status().unwrap();
-        assert!(
-            st.success(),
-            "migrate: {}",
-            std::fs::read_to_string(&log).unwrap_or_default()
-        );
-        OneSource {
+        let path = dir.path().join("relay.toml");
+        std::fs::write(&path, config.to_toml()).unwrap();
+        let files = Files {
+            config: path,
+            log: dir.path().join("relay.log"),
             _dir: dir,
-            config,
-            log,
-            schema,
-            topic,
-        }
+        };
+        let st = files.command(&["migrate"], env).status().unwrap();
+        assert!(st.success(), "migrate: {}", files.log_text());
+        files
     }
-}
 
-struct Src {
-    name: &'static str,
-    db: &'static str,
-    schema: String,
-    topic: String,
+    /// The binary with this configuration, logging to this log.
+    fn command(&self, args: &[&str], env: &[(&str, &str)]) -> Command {
+        relay(&self.config, args, env, &self.log)
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
 }
 
 #[test]
 fn migrate_then_run_relays_four_services_in_two_databases_and_sigterm_drains() {
-    let pg = PgServer::start();
-    pg.create_database("catalog");
-    let broker = Broker::start();
-    let dir = tempfile::tempdir().unwrap();
-    let srcs = [
-        ("customer", "postgres"),
-        ("product", "postgres"),
-        ("product-admin", "catalog"),
-        ("product-loader", "catalog"),
-    ]
-    .map(|(name, db)| {
-        let schema = unique_name(&name.replace('-', "_"));
-        Src {
-            name,
-            db,
-            topic: format!("{schema}.events"),
-            schema,
-        }
-    });
-    let mut toml = format!(
-        "database_url = \"{}\"\nprocess_interval = \"300ms\"\noperation_timeout = \"10s\"\nbatch_size = 100\n\
-         [kafka]\nbrokers = \"{}\"\n[http]\nlisten = \"127.0.0.1:{}\"\n",
-        pg.url("postgres"),
-        broker.bootstrap(),
-        common::free_port()
-    );
-    for s in &srcs {
-        create_topic(&broker.bootstrap(), &s.topic, 3);
-        toml.push_str(&format!(
-            "[[sources]]\nname = \"{}\"\nschema = \"{}\"\ntopic = \"{}\"\n{}",
-            s.name,
-            s.schema,
-            s.topic,
-            if s.db == "catalog" {
-                "database_url_env = \"CATALOG_DATABASE_URL\"\n"
-            } else {
-                ""
-            }
-        ));
-    }
-    let config = dir.path().join("relay.toml");
-    std::fs::write(&config, toml).unwrap();
+    let sc = Scenario::builder()
+        .named_source_in("postgres", "customer")
+        .named_source_in("postgres", "product")
+        .named_source_in("catalog", "product-admin")
+        .named_source_in("catalog", "product-loader")
+        .tansu()
+        .partitions(3)
+        .set("operation_timeout", "10s")
+        .set("batch_size", 100)
+        .set("http.listen", format!("127.0.0.1:{}", common::free_port()))
+        .deadline(DEADLINE)
+        .build();
+    let pg = &sc.pg;
+    let config = sc
+        .sources
+        .iter()
+        .filter(|s| s.db == "catalog")
+        .fold(file_config(&sc), |c, s| {
+            c.source_unset(&s.name, "database_url").source_set(
+                &s.name,
+                "database_url_env",
+                "CATALOG_DATABASE_URL",
+            )
+        });
     // trust auth ignores the password; it is here to prove it never reaches a log line.
     let catalog_url = format!(
         "postgres://postgres:never-logged-pw@127.0.0.1:{}/catalog",
         pg.port
     );
     let env = [("CATALOG_DATABASE_URL", catalog_url.as_str())];
-    let log = dir.path().join("relay.log");
 
-    let st = relay(&config, &["migrate"], &env, &log).status().unwrap();
-    assert!(
-        st.success(),
-        "migrate: {}",
-        std::fs::read_to_string(&log).unwrap()
-    );
-    let st = relay(&config, &["migrate"], &env, &log).status().unwrap();
+    let files = Files::migrated(&config, &env);
+    let st = files.command(&["migrate"], &env).status().unwrap();
     assert!(st.success(), "second migrate is a no-op");
-    let out = std::fs::read_to_string(&log).unwrap();
+    let out = files.log_text();
     assert!(out.contains("customer: up to date"), "{out}");
 
     let per_source = [400usize, 300, 200, 100];
-    for (s, n) in srcs.iter().zip(per_source) {
-        insert_events(&pg, s.db, &s.schema, n, 9, 0);
+    for (s, n) in sc.sources.iter().zip(per_source) {
+        sc.insert_events(s, n, 9, 0);
         pg.psql(
-            s.db,
+            &s.db,
             &format!(
                 "BEGIN; INSERT INTO {}.outbox (aggregate_type, aggregate_id, event_type, payload) \
                  VALUES ('x', 'rolled-back', 'Never', '{{\"seq\": -1}}'); ROLLBACK;",
@@ -205,9 +187,9 @@ fn migrate_then_run_relays_four_services_in_two_databases_and_sigterm_drains() {
         );
     }
 
-    let mut child = spawn(relay(&config, &["run"], &env, &log));
-    for (s, n) in srcs.iter().zip(per_source) {
-        let got = consume(&broker.bootstrap(), &s.topic, n, DEADLINE);
+    let mut child = spawn(files.command(&["run"], &env));
+    for (s, n) in sc.sources.iter().zip(per_source) {
+        let got = sc.consume_blocking(&s.topic, n);
         let (distinct, dups, disorder) = audit(&got);
         eprintln!(
             "{}: relayed {distinct}, duplicated {dups}, out of order {disorder}",
@@ -215,19 +197,21 @@ fn migrate_then_run_relays_four_services_in_two_databases_and_sigterm_drains() {
         );
         assert_eq!((distinct, dups, disorder), (n, 0, 0), "source {}", s.name);
         assert!(got.iter().all(|r| r.key.as_deref() != Some("rolled-back")));
-        assert!(got.iter().all(|r| header(r, "source") == Some(s.name)));
-        wait_until(&format!("{} outbox empty", s.name), DEADLINE, || {
-            outbox_rows(&pg, s.db, &s.schema) == 0
-        });
+        assert!(got
+            .iter()
+            .all(|r| header(r, "source") == Some(s.name.as_str())));
+        sc.wait_outbox_empty_blocking(s);
     }
     // New rows while running are relayed too (woken by NOTIFY or the poll).
-    insert_events(&pg, "catalog", &srcs[3].schema, 50, 5, 1000);
-    let got = consume(&broker.bootstrap(), &srcs[3].topic, 150, DEADLINE);
+    let loader = &sc.sources[3];
+    assert_eq!(loader.db, "catalog");
+    sc.insert_events(loader, 50, 5, 1000);
+    let got = sc.consume_blocking(&loader.topic, 150);
     assert_eq!(audit(&got), (150, 0, 0));
 
     sigterm(&child);
     let status = wait_exit(&mut child, Duration::from_secs(10));
-    let out = std::fs::read_to_string(&log).unwrap();
+    let out = files.log_text();
     assert_eq!(status.code(), Some(0), "SIGTERM exits 0:\n{out}");
     assert!(out.contains("relay stopped"), "{out}");
     assert!(
@@ -243,42 +227,28 @@ fn migrate_then_run_relays_four_services_in_two_databases_and_sigterm_drains() {
 
 #[test]
 fn kill_9_mid_stream_then_restart_loses_nothing() {
-    let pg = PgServer::start();
-    let broker = Broker::start();
-    let one = OneSource::new(
-        &pg,
-        &broker.bootstrap(),
-        "killed",
-        "operation_timeout = \"10s\"\nbatch_size = 100",
-    );
-    let (config, log, schema, topic) = (
-        one.config.clone(),
-        one.log.clone(),
-        one.schema.clone(),
-        one.topic.clone(),
-    );
-    create_topic(&broker.bootstrap(), &topic, 3);
+    let sc = scenario(&["killed"], 3);
+    let src = sc.src();
+    let files = Files::migrated(&file_config(&sc).set("batch_size", 100), &[]);
     let total = 40_000;
-    insert_events(&pg, "postgres", &schema, total, 101, 0);
+    sc.insert_events(src, total, 101, 0);
 
-    let mut child = spawn(relay(&config, &["run"], &[], &log));
-    wait_until("the relay is mid-stream", DEADLINE, || {
-        outbox_rows(&pg, "postgres", &schema) <= (total - 3000) as i64
+    let mut child = spawn(files.command(&["run"], &[]));
+    eventually_blocking("the relay is mid-stream", DEADLINE, || {
+        sc.outbox_rows(src) <= (total - 3000) as i64
     });
     child.kill().expect("kill -9"); // SIGKILL
     let _ = child.wait();
-    let left = outbox_rows(&pg, "postgres", &schema);
+    let left = sc.outbox_rows(src);
     assert!(
         left > 0,
         "the relay finished before it was killed; the test proves nothing"
     );
     eprintln!("killed with {left} of {total} rows left");
 
-    let mut child = spawn(relay(&config, &["run"], &[], &log));
-    wait_until("outbox empty after restart", DEADLINE, || {
-        outbox_rows(&pg, "postgres", &schema) == 0
-    });
-    let got = consume(&broker.bootstrap(), &topic, total, DEADLINE);
+    let mut child = spawn(files.command(&["run"], &[]));
+    sc.wait_outbox_empty_blocking(src);
+    let got = sc.consume_blocking(&src.topic, total);
     sigterm(&child);
     let status = wait_exit(&mut child, Duration::from_secs(10));
     assert_eq!(status.code(), Some(0));
@@ -344,9 +314,13 @@ fn the_binary_allocates_with_jemalloc_and_its_built_in_options() {
 
 #[test]
 fn dead_letter_tool_lists_shows_replays_and_purges_without_sql() {
-    let pg = PgServer::start();
-    let one = OneSource::new(&pg, "127.0.0.1:1", "orders", "");
-    let (config, schema) = (one.config.clone(), one.schema.clone());
+    let sc = Scenario::builder()
+        .named_source_in("postgres", "orders")
+        .no_broker()
+        .build();
+    let (pg, src) = (&sc.pg, sc.src());
+    let files = Files::migrated(&file_config(&sc), &[]);
+    let (config, schema) = (&files.config, &src.schema);
     // Three events the relay gave up on (as the settle step writes them).
     pg.psql(
         "postgres",
@@ -360,7 +334,7 @@ fn dead_letter_tool_lists_shows_replays_and_purges_without_sql() {
     let run = |args: &[&str]| {
         let out = Command::new(BIN)
             .arg("--config")
-            .arg(&config)
+            .arg(config)
             .args(args)
             .stdin(Stdio::null())
             .output()
@@ -433,7 +407,7 @@ fn dead_letter_tool_lists_shows_replays_and_purges_without_sql() {
         "purge without --yes and without a terminal refuses"
     );
     assert!(err.contains("--yes"), "{err}");
-    assert_eq!(dead_letter_count(&pg, &schema), 2);
+    assert_eq!(sc.dead_letter_rows(src), 2);
     let (code, out, _) = run(&[
         "dead-letter",
         "purge",
@@ -445,70 +419,38 @@ fn dead_letter_tool_lists_shows_replays_and_purges_without_sql() {
     ]);
     assert_eq!(code, Some(0));
     assert!(out.contains("purged 2"), "{out}");
-    assert_eq!(dead_letter_count(&pg, &schema), 0);
+    assert_eq!(sc.dead_letter_rows(src), 0);
 
     let (code, _, err) = run(&["dead-letter", "list", "--source", "nope"]);
     assert_ne!(code, Some(0));
     assert!(err.contains("no source named \"nope\""), "{err}");
 }
 
-fn dead_letter_count(pg: &PgServer, schema: &str) -> i64 {
-    common::relay::dead_letter_rows(pg, "postgres", schema)
-}
-
 /// `outbox_source_leader{source="..."}` of a running relay, read from its /metrics.
 fn leader_gauge(port: u16, source: &str) -> Option<f64> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .ok()?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).ok()?;
-    let needle = format!("outbox_source_leader{{source=\"{source}\"}} ");
-    text.lines()
-        .find_map(|l| l.strip_prefix(&needle))
-        .and_then(|v| v.trim().parse().ok())
+    let (_, text) = common::http::get_blocking(([127, 0, 0, 1], port).into(), "/metrics")?;
+    Metrics::parse(&text).value("outbox_source_leader", &[("source", source)])
 }
 
 #[test]
 fn two_relay_processes_share_a_source_and_the_survivor_of_a_kill_9_takes_over() {
-    let pg = PgServer::start();
-    let broker = Broker::start();
-    let one = OneSource::new(
-        &pg,
-        &broker.bootstrap(),
-        "pair",
-        "operation_timeout = \"10s\"\nbatch_size = 50",
-    );
-    let (config, log, schema, topic) = (
-        one.config.clone(),
-        one.log.clone(),
-        one.schema.clone(),
-        one.topic.clone(),
-    );
-    create_topic(&broker.bootstrap(), &topic, 3);
+    let sc = scenario(&["pair"], 3);
+    let src = sc.src();
+    let files = Files::migrated(&file_config(&sc).set("batch_size", 50), &[]);
     let ports = [common::free_port(), common::free_port()];
     let listen: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
     let mut children: Vec<Relay> = listen
         .iter()
-        .map(|l| {
-            spawn(relay(
-                &config,
-                &["run"],
-                &[("OUTBOX_HTTP__LISTEN", l)],
-                &log,
-            ))
-        })
+        .map(|l| spawn(files.command(&["run"], &[("OUTBOX_HTTP__LISTEN", l)])))
         .collect();
     let leaders = || ports.map(|p| leader_gauge(p, "pair").unwrap_or(0.0));
-    wait_until("one relay holds the source", DEADLINE, || {
+    eventually_blocking("one relay holds the source", DEADLINE, || {
         leaders().iter().sum::<f64>() == 1.0
     });
     let total = 20_000;
-    insert_events(&pg, "postgres", &schema, total / 2, 37, 0);
-    wait_until("mid-stream", DEADLINE, || {
-        outbox_rows(&pg, "postgres", &schema) < (total / 2 - 2000) as i64
+    sc.insert_events(src, total / 2, 37, 0);
+    eventually_blocking("mid-stream", DEADLINE, || {
+        sc.outbox_rows(src) < (total / 2 - 2000) as i64
     });
     assert_eq!(leaders().iter().sum::<f64>(), 1.0, "exactly one holder");
     let holder = if leaders()[0] == 1.0 { 0 } else { 1 };
@@ -516,15 +458,13 @@ fn two_relay_processes_share_a_source_and_the_survivor_of_a_kill_9_takes_over() 
     children[holder].kill().unwrap(); // SIGKILL, mid-stream
     let _ = children[holder].wait();
     let killed_at = Instant::now();
-    insert_events(&pg, "postgres", &schema, total / 2, 37, 1000);
-    wait_until("the survivor takes the source", DEADLINE, || {
+    sc.insert_events(src, total / 2, 37, 1000);
+    eventually_blocking("the survivor takes the source", DEADLINE, || {
         leader_gauge(ports[other], "pair") == Some(1.0)
     });
     let takeover = killed_at.elapsed();
-    wait_until("outbox empty", DEADLINE, || {
-        outbox_rows(&pg, "postgres", &schema) == 0
-    });
-    let got = consume(&broker.bootstrap(), &topic, total, DEADLINE);
+    sc.wait_outbox_empty_blocking(src);
+    let got = sc.consume_blocking(&src.topic, total);
     sigterm(&children[other]);
     assert_eq!(
         wait_exit(&mut children[other], Duration::from_secs(10)).code(),
@@ -542,39 +482,25 @@ fn two_relay_processes_share_a_source_and_the_survivor_of_a_kill_9_takes_over() 
 
 #[test]
 fn a_frozen_broker_is_logged_once_at_its_start_and_once_at_its_end() {
-    let pg = PgServer::start();
-    let broker = Broker::start();
-    let one = OneSource::new(
-        &pg,
-        &broker.bootstrap(),
-        "frozen",
-        "operation_timeout = \"2s\"",
-    );
-    let (config, log, schema, topic) = (
-        one.config.clone(),
-        one.log.clone(),
-        one.schema.clone(),
-        one.topic.clone(),
-    );
-    create_topic(&broker.bootstrap(), &topic, 1);
-    let mut child = spawn(relay(&config, &["run"], &[], &log));
-    insert_events(&pg, "postgres", &schema, 20, 4, 0);
-    assert_eq!(consume(&broker.bootstrap(), &topic, 20, DEADLINE).len(), 20);
+    let sc = scenario(&["frozen"], 1);
+    let (src, broker) = (sc.src(), sc.kafka.tansu());
+    let files = Files::migrated(&file_config(&sc).set("operation_timeout", "2s"), &[]);
+    let mut child = spawn(files.command(&["run"], &[]));
+    sc.insert_events(src, 20, 4, 0);
+    assert_eq!(sc.consume_blocking(&src.topic, 20).len(), 20);
 
     broker.pause(); // the broker stops answering: requests hang, then time out
-    insert_events(&pg, "postgres", &schema, 30, 4, 100);
-    let text = || std::fs::read_to_string(&log).unwrap();
-    wait_until("the outage is logged", DEADLINE, || {
+    sc.insert_events(src, 30, 4, 100);
+    let text = || files.log_text();
+    eventually_blocking("the outage is logged", DEADLINE, || {
         text().contains("kafka unreachable")
     });
     std::thread::sleep(Duration::from_secs(8)); // several failed attempts: 2s timeouts, backoff
     broker.resume();
-    wait_until("the end of the outage is logged", DEADLINE, || {
+    eventually_blocking("the end of the outage is logged", DEADLINE, || {
         text().contains("kafka reachable again")
     });
-    wait_until("outbox empty", DEADLINE, || {
-        outbox_rows(&pg, "postgres", &schema) == 0
-    });
+    sc.wait_outbox_empty_blocking(src);
     sigterm(&child);
     assert_eq!(
         wait_exit(&mut child, Duration::from_secs(10)).code(),
@@ -588,7 +514,7 @@ fn a_frozen_broker_is_logged_once_at_its_start_and_once_at_its_end() {
         "one line at the start, not one per attempt:\n{out}"
     );
     assert_eq!(count("kafka reachable again"), 1, "{out}");
-    let got = consume(&broker.bootstrap(), &topic, 50, DEADLINE);
+    let got = sc.consume_blocking(&src.topic, 50);
     assert_eq!(audit(&got).0, 50, "nothing lost");
     assert_eq!(audit(&got).2, 0);
     let warn_lines = out

@@ -5,77 +5,84 @@
 mod common;
 
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::relay::{
-    audit, dead_letter_rows, header, insert_events, migrate, mock, outbox_rows, settings, toml,
-    wait_outbox_empty, TestRelay, TestSource,
-};
-use common::{consume_async, PgServer};
+use common::broker::produce_one;
+use common::{audit, eventually, header, Metrics, Scenario, TestRelay, DEADLINE};
 use outbox_relay::dead_letter::{self, Filter};
-use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
-
-const DEADLINE: Duration = Duration::from_secs(60);
-
-/// Waits, asynchronously, until `f` holds.
-async fn eventually<F: FnMut() -> bool>(what: &str, deadline: Duration, mut f: F) {
-    let end = Instant::now() + deadline;
-    while !f() {
-        assert!(
-            Instant::now() < end,
-            "timed out after {deadline:?} waiting for: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-}
+use rdkafka::types::{RDKafkaApiKey, RDKafkaErrorCode, RDKafkaRespErr};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn transient_produce_errors_are_retried_by_the_producer_without_losing_order() {
-    let pg = PgServer::start();
-    let src = TestSource::new(&pg, "postgres", "flaky");
-    let kafka = mock(&[&src.topic], 2);
-    let s = settings(&toml(
-        &[&src],
-        &kafka.bootstrap_servers(),
-        "batch_size = 40",
-    ));
-    migrate(&s).await;
-    kafka.request_errors(
+    let sc = Scenario::builder()
+        .source("flaky")
+        .partitions(2)
+        .set("batch_size", 40)
+        .migrated()
+        .await;
+    let src = sc.src();
+    // A topic of the test's own, so that its probes never reach the relay's consumers.
+    let probe = format!("{}.probe", src.schema);
+    sc.kafka.create_topic(&probe, 1);
+    // The mock cluster answers the next produce requests, whoever sends them, with these
+    // errors, in this order: the first is the probe's, the other four the relay's. The
+    // probe never retries, except on leader errors (librdkafka always does): the last
+    // error is not one, so a probe succeeds only once none of them is left.
+    sc.kafka.mock().request_errors(
         RDKafkaApiKey::Produce,
         &[
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS,
             RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION,
             RDKafkaRespErr::RD_KAFKA_RESP_ERR_REQUEST_TIMED_OUT,
-            RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS,
             RDKafkaRespErr::RD_KAFKA_RESP_ERR_LEADER_NOT_AVAILABLE,
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS,
         ],
     );
-    insert_events(&pg, "postgres", &src.schema, 400, 11, 0);
-    let mut relay = TestRelay::start(s).await;
-    let got = consume_async(&kafka.bootstrap_servers(), &src.topic, 400, DEADLINE).await;
-    wait_outbox_empty(&src.url, &src.schema, DEADLINE).await;
+    assert_eq!(
+        produce_one(&sc.bootstrap(), &probe).await,
+        Err(RDKafkaErrorCode::NotEnoughReplicas),
+        "the injected errors are waiting for produce requests"
+    );
+    sc.insert_events(src, 400, 11, 0);
+    let mut relay = sc.start_relay().await;
+    let got = sc.consume(&src.topic, 400).await;
+    sc.wait_outbox_empty(src).await;
+    let (_, text) = relay.get("/metrics").await;
     relay.stop().await;
     assert_eq!(audit(&got), (400, 0, 0));
-    assert_eq!(dead_letter_rows(&pg, "postgres", &src.schema), 0);
+    assert_eq!(sc.dead_letter_rows(src), 0);
+    assert_eq!(
+        produce_one(&sc.bootstrap(), &probe).await,
+        Ok(()),
+        "the relay's produce requests were answered with all four injected errors"
+    );
+    let m = Metrics::parse(&text);
+    assert_eq!(
+        m.value(
+            "outbox_events_failed_total",
+            &[("source", &src.name), ("reason", "transport")]
+        ),
+        Some(0.0),
+        "the producer retried them; no batch failed for the relay"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_failing_event_retries_with_backoff_while_its_aggregate_waits_and_others_flow() {
-    let pg = PgServer::start();
-    let src = TestSource::new(&pg, "postgres", "retry");
     // One partition: the consumer sees the order in which Kafka acknowledged.
-    let kafka = mock(&[&src.topic], 1);
-    let s = settings(&toml(
-        &[&src],
-        &kafka.bootstrap_servers(),
-        "max_retries = 5\n[retry]\nbackoff_base = \"2s\"\nbackoff_max = \"4s\"",
-    ));
-    migrate(&s).await;
-    let mut relay = TestRelay::start(s).await;
+    let (sc, mut relay) = Scenario::builder()
+        .source("retry")
+        .set("max_retries", 5)
+        .set("retry.backoff_base", "2s")
+        .set("retry.backoff_max", "4s")
+        .start()
+        .await;
+    let (pg, src) = (&sc.pg, sc.src());
     // Let the relay connect first, so the injected error hits our event's produce request.
-    insert_events(&pg, "postgres", &src.schema, 1, 1, 0);
-    let warm = consume_async(&kafka.bootstrap_servers(), &src.topic, 1, DEADLINE).await;
+    sc.insert_events(src, 1, 1, 0);
+    let warm = sc.consume(&src.topic, 1).await;
     assert_eq!(warm.len(), 1);
-    kafka.request_errors(
+    sc.kafka.mock().request_errors(
         RDKafkaApiKey::Produce,
         &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_POLICY_VIOLATION],
     );
@@ -93,7 +100,7 @@ async fn a_failing_event_retries_with_backoff_while_its_aggregate_waits_and_othe
     eventually(
         "the failed event is scheduled for a retry",
         DEADLINE,
-        || retry_count() == "1",
+        async || retry_count() == "1",
     )
     .await;
     let last_error = pg.psql(
@@ -111,8 +118,8 @@ async fn a_failing_event_retries_with_backoff_while_its_aggregate_waits_and_othe
             "INSERT INTO {schema}.outbox (aggregate_type, aggregate_id, event_type, payload) VALUES ('order', 'A', 'E', '{{\"seq\": 2}}'), ('order', 'B', 'E', '{{\"seq\": 1}}');"
         ),
     );
-    let got = consume_async(&kafka.bootstrap_servers(), &src.topic, 4, DEADLINE).await;
-    wait_outbox_empty(&src.url, &src.schema, DEADLINE).await;
+    let got = sc.consume(&src.topic, 4).await;
+    sc.wait_outbox_empty(src).await;
     relay.stop().await;
     let order: Vec<(String, String)> = got
         .iter()
@@ -134,19 +141,20 @@ async fn a_failing_event_retries_with_backoff_while_its_aggregate_waits_and_othe
         "A's events kept their order: {order:?}"
     );
     assert_eq!(audit(&got).1, 0);
-    assert_eq!(dead_letter_rows(&pg, "postgres", &src.schema), 0);
+    assert_eq!(sc.dead_letter_rows(src), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn poison_events_are_dead_lettered_at_once_others_flow_and_replay_sends_them_back() {
-    let pg = PgServer::start();
-    let src = TestSource::new(&pg, "postgres", "poison");
-    let kafka = mock(&[&src.topic], 3);
-    let base = toml(&[&src], &kafka.bootstrap_servers(), "batch_size = 25");
-    let s = settings(&base);
-    migrate(&s).await;
+    let sc = Scenario::builder()
+        .source("poison")
+        .partitions(3)
+        .set("batch_size", 25)
+        .migrated()
+        .await;
+    let (pg, src) = (&sc.pg, sc.src());
     let schema = &src.schema;
-    insert_events(&pg, "postgres", schema, 50, 5, 0);
+    sc.insert_events(src, 50, 5, 0);
     // Too large for the producer's message.max.bytes (1 MB by default), an invalid topic,
     // and headers that are not an object of strings.
     pg.psql(
@@ -160,10 +168,10 @@ async fn poison_events_are_dead_lettered_at_once_others_flow_and_replay_sends_th
                VALUES ('doc', 'bad-headers', 'Tagged', '{{}}', '[1, 2]');"
         ),
     );
-    insert_events(&pg, "postgres", schema, 50, 5, 10);
-    let mut relay = TestRelay::start(s).await;
-    let got = consume_async(&kafka.bootstrap_servers(), &src.topic, 100, DEADLINE).await;
-    wait_outbox_empty(&src.url, schema, DEADLINE).await;
+    sc.insert_events(src, 50, 5, 10);
+    let mut relay = sc.start_relay().await;
+    let got = sc.consume(&src.topic, 100).await;
+    sc.wait_outbox_empty(src).await;
     assert_eq!(audit(&got), (100, 0, 0), "the other aggregates flowed");
     let errors = pg.psql(
         "postgres",
@@ -190,10 +198,11 @@ async fn poison_events_are_dead_lettered_at_once_others_flow_and_replay_sends_th
     relay.stop().await;
 
     // Fix the cause (allow larger messages), then replay the big one by id.
-    let fixed = settings(&base.replace(
-        "[http]",
-        "[kafka.properties]\n\"message.max.bytes\" = \"4000000\"\n[http]",
-    ));
+    let fixed = sc
+        .config
+        .clone()
+        .kafka_property("message.max.bytes", "4000000")
+        .settings();
     let source = fixed.sources[0].clone();
     let big = dead_letter::list(
         &source,
@@ -220,10 +229,10 @@ async fn poison_events_are_dead_lettered_at_once_others_flow_and_replay_sends_th
     .await
     .unwrap();
     assert_eq!(replayed, vec![big[0].id]);
-    assert_eq!(dead_letter_rows(&pg, "postgres", schema), 2);
+    assert_eq!(sc.dead_letter_rows(src), 2);
     let mut relay = TestRelay::start(fixed).await;
-    let got = consume_async(&kafka.bootstrap_servers(), &src.topic, 101, DEADLINE).await;
-    wait_outbox_empty(&src.url, schema, DEADLINE).await;
+    let got = sc.consume(&src.topic, 101).await;
+    sc.wait_outbox_empty(src).await;
     relay.stop().await;
     let big = got
         .iter()
@@ -239,15 +248,12 @@ async fn poison_events_are_dead_lettered_at_once_others_flow_and_replay_sends_th
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_full_dead_letter_table_keeps_failing_events_in_the_outbox_and_says_so() {
-    let pg = PgServer::start();
-    let src = TestSource::new(&pg, "postgres", "full");
-    let kafka = mock(&[&src.topic], 1);
-    let s = settings(&toml(
-        &[&src],
-        &kafka.bootstrap_servers(),
-        "dead_letter_size = 2",
-    ));
-    migrate(&s).await;
+    let sc = Scenario::builder()
+        .source("full")
+        .set("dead_letter_size", 2)
+        .migrated()
+        .await;
+    let (pg, src) = (&sc.pg, sc.src());
     let schema = &src.schema;
     pg.psql(
         "postgres",
@@ -256,9 +262,9 @@ async fn a_full_dead_letter_table_keeps_failing_events_in_the_outbox_and_says_so
              SELECT 'doc', 'p' || i, 'Moved', '{{}}', 'bad topic' FROM generate_series(1, 5) i;"
         ),
     );
-    insert_events(&pg, "postgres", schema, 20, 4, 0);
-    let mut relay = TestRelay::start(s).await;
-    let got = consume_async(&kafka.bootstrap_servers(), &src.topic, 20, DEADLINE).await;
+    sc.insert_events(src, 20, 4, 0);
+    let mut relay = sc.start_relay().await;
+    let got = sc.consume(&src.topic, 20).await;
     assert_eq!(audit(&got), (20, 0, 0));
     let parked = || {
         pg.psql(
@@ -266,29 +272,29 @@ async fn a_full_dead_letter_table_keeps_failing_events_in_the_outbox_and_says_so
             &format!("SELECT count(*) FROM {schema}.outbox WHERE status = 'dead_letter_full'"),
         )
     };
-    eventually("three events parked in the outbox", DEADLINE, || {
+    eventually("three events parked in the outbox", DEADLINE, async || {
         parked() == "3"
     })
     .await;
-    assert_eq!(
-        dead_letter_rows(&pg, "postgres", schema),
-        2,
-        "nothing deleted to make room"
-    );
+    assert_eq!(sc.dead_letter_rows(src), 2, "nothing deleted to make room");
     let last = pg.psql(
         "postgres",
         &format!("SELECT last_error FROM {schema}.outbox LIMIT 1"),
     );
     assert!(last.contains("dead-letter table full"), "{last}");
-    eventually("the dead-letter gauge sees the fill", DEADLINE, || {
-        relay
-            .running()
-            .state(&src.name)
-            .unwrap()
-            .dead_letter_rows
-            .load(Ordering::Relaxed)
-            == 2
-    })
+    eventually(
+        "the dead-letter gauge sees the fill",
+        DEADLINE,
+        async || {
+            relay
+                .running()
+                .state(&src.name)
+                .unwrap()
+                .dead_letter_rows
+                .load(Ordering::Relaxed)
+                == 2
+        },
+    )
     .await;
     let (code, body) = relay.get("/health/deep").await;
     assert_eq!(code, 503, "{body}");
@@ -301,15 +307,13 @@ async fn a_full_dead_letter_table_keeps_failing_events_in_the_outbox_and_says_so
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn after_dead_letter_block_holds_the_aggregate_until_replay() {
-    let pg = PgServer::start();
-    let src = TestSource::new(&pg, "postgres", "block");
-    let kafka = mock(&[&src.topic], 1);
-    let s = settings(&toml(
-        &[&src],
-        &kafka.bootstrap_servers(),
-        "[retry]\nafter_dead_letter = \"block\"",
-    ));
-    migrate(&s).await;
+    let sc = Scenario::builder()
+        .source("block")
+        .set("retry.after_dead_letter", "block")
+        .migrated()
+        .await;
+    let (pg, src) = (&sc.pg, sc.src());
+    let s = sc.settings();
     let schema = &src.schema;
     pg.psql(
         "postgres",
@@ -319,11 +323,11 @@ async fn after_dead_letter_block_holds_the_aggregate_until_replay() {
         ),
     );
     let mut relay = TestRelay::start(s.clone()).await;
-    let got = consume_async(&kafka.bootstrap_servers(), &src.topic, 1, DEADLINE).await;
+    let got = sc.consume(&src.topic, 1).await;
     assert_eq!(got.len(), 1, "only B flows: {got:?}");
     assert_eq!(got[0].key.as_deref(), Some("B"));
     assert_eq!(
-        outbox_rows(&pg, "postgres", schema),
+        sc.outbox_rows(src),
         1,
         "A/2 waits behind the dead-lettered A/1"
     );
@@ -344,8 +348,8 @@ async fn after_dead_letter_block_holds_the_aggregate_until_replay() {
     .await
     .unwrap();
     assert_eq!(replayed.len(), 1);
-    let got = consume_async(&kafka.bootstrap_servers(), &src.topic, 3, DEADLINE).await;
-    wait_outbox_empty(&src.url, schema, DEADLINE).await;
+    let got = sc.consume(&src.topic, 3).await;
+    sc.wait_outbox_empty(src).await;
     relay.stop().await;
     let a: Vec<&str> = got
         .iter()
@@ -361,28 +365,22 @@ async fn after_dead_letter_block_holds_the_aggregate_until_replay() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn postgres_restarted_under_the_relay_loses_nothing() {
-    let pg = PgServer::start();
-    let src = TestSource::new(&pg, "postgres", "pgrestart");
-    let kafka = mock(&[&src.topic], 3);
-    let s = settings(&toml(
-        &[&src],
-        &kafka.bootstrap_servers(),
-        "batch_size = 20",
-    ));
-    migrate(&s).await;
-    insert_events(&pg, "postgres", &src.schema, 5000, 31, 0);
-    let mut relay = TestRelay::start(s).await;
-    let schema = src.schema.clone();
-    eventually("mid-stream", DEADLINE, || {
-        outbox_rows(&pg, "postgres", &schema) < 4500
-    })
-    .await;
+    let sc = Scenario::builder()
+        .source("pgrestart")
+        .partitions(3)
+        .set("batch_size", 20)
+        .migrated()
+        .await;
+    let (pg, src) = (&sc.pg, sc.src());
+    sc.insert_events(src, 5000, 31, 0);
+    let mut relay = sc.start_relay().await;
+    eventually("mid-stream", DEADLINE, async || sc.outbox_rows(src) < 4500).await;
     pg.kill(); // crash-like: the relay's connections die mid-batch
     tokio::time::sleep(Duration::from_millis(500)).await;
     pg.restart();
-    insert_events(&pg, "postgres", &src.schema, 1000, 31, 1000);
-    wait_outbox_empty(&src.url, &src.schema, DEADLINE).await;
-    let got = consume_async(&kafka.bootstrap_servers(), &src.topic, 6000, DEADLINE).await;
+    sc.insert_events(src, 1000, 31, 1000);
+    sc.wait_outbox_empty(src).await;
+    let got = sc.consume(&src.topic, 6000).await;
     let errors = relay
         .running()
         .metrics
@@ -394,29 +392,23 @@ async fn postgres_restarted_under_the_relay_loses_nothing() {
     eprintln!("postgres restart: relayed {distinct}/6000, duplicated {dups}, out of order {disorder}, poll errors {errors}");
     assert_eq!(distinct, 6000, "nothing lost");
     assert_eq!(disorder, 0);
-    assert_eq!(dead_letter_rows(&pg, "postgres", &src.schema), 0);
+    assert_eq!(sc.dead_letter_rows(src), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_unreachable_database_does_not_hold_back_other_sources() {
-    let pg = PgServer::start();
-    let good = TestSource::new(&pg, "postgres", "good");
-    let mut bad = TestSource::new(&pg, "postgres", "bad");
-    bad.url = format!(
-        "postgres://postgres@127.0.0.1:{}/postgres",
-        common::free_port()
-    );
-    let kafka = mock(&[&good.topic], 1);
-    let s = settings(&toml(&[&good, &bad], &kafka.bootstrap_servers(), ""));
-    outbox_relay::migrate::migrate_source(&s.sources[0], Duration::from_secs(10))
-        .await
-        .unwrap();
-    insert_events(&pg, "postgres", &good.schema, 100, 3, 0);
-    let mut relay = TestRelay::start(s).await;
-    let got = consume_async(&kafka.bootstrap_servers(), &good.topic, 100, DEADLINE).await;
+    let sc = Scenario::builder()
+        .source("good")
+        .unreachable_source("bad")
+        .migrated()
+        .await;
+    let (good, bad) = (&sc.sources[0], &sc.sources[1]);
+    sc.insert_events(good, 100, 3, 0);
+    let mut relay = sc.start_relay().await;
+    let got = sc.consume(&good.topic, 100).await;
     assert_eq!(audit(&got), (100, 0, 0));
     let m = &relay.running().metrics;
-    eventually("the bad source is reported down", DEADLINE, || {
+    eventually("the bad source is reported down", DEADLINE, async || {
         m.source_up.with_label_values(&[&bad.name]).get() == 0
             && m.source_up.with_label_values(&[&good.name]).get() == 1
     })
@@ -431,14 +423,13 @@ async fn an_unreachable_database_does_not_hold_back_other_sources() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_panicking_source_task_is_restarted_and_goes_on() {
-    let pg = PgServer::start();
-    let src = TestSource::new(&pg, "postgres", "panicky");
-    let kafka = mock(&[&src.topic], 1);
-    let s = settings(&toml(&[&src], &kafka.bootstrap_servers(), ""));
-    migrate(&s).await;
-    let mut relay = TestRelay::start(s).await;
+    let (sc, mut relay) = Scenario::builder().source("panicky").start().await;
+    let src = sc.src();
     let state = relay.running().state(&src.name).unwrap().clone();
-    eventually("leader", DEADLINE, || state.leader.load(Ordering::Relaxed)).await;
+    eventually("leader", DEADLINE, async || {
+        state.leader.load(Ordering::Relaxed)
+    })
+    .await;
     let hooks = relay.running().hooks(&src.name).unwrap().clone();
     hooks.panic_once.store(true, Ordering::Relaxed);
     let restarts = relay
@@ -446,7 +437,7 @@ async fn a_panicking_source_task_is_restarted_and_goes_on() {
         .metrics
         .task_restarts
         .with_label_values(&[&src.name]);
-    eventually("the task restarted", DEADLINE, || restarts.get() == 1).await;
+    eventually("the task restarted", DEADLINE, async || restarts.get() == 1).await;
     assert!(state
         .last_error
         .lock()
@@ -454,39 +445,30 @@ async fn a_panicking_source_task_is_restarted_and_goes_on() {
         .as_deref()
         .unwrap_or("")
         .contains("panicked"));
-    insert_events(&pg, "postgres", &src.schema, 30, 3, 0);
-    let got = consume_async(&kafka.bootstrap_servers(), &src.topic, 30, DEADLINE).await;
+    sc.insert_events(src, 30, 3, 0);
+    let got = sc.consume(&src.topic, 30).await;
     assert_eq!(audit(&got), (30, 0, 0));
     relay.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_configured_max_retries_applies_to_rows_that_name_none() {
-    let pg = PgServer::start();
-    let src = TestSource::new(&pg, "postgres", "giveup");
-    let kafka = mock(&[&src.topic], 1);
-    let s = settings(&toml(
-        &[&src],
-        &kafka.bootstrap_servers(),
-        "max_retries = 0",
-    ));
-    migrate(&s).await;
-    let mut relay = TestRelay::start(s).await;
-    insert_events(&pg, "postgres", &src.schema, 1, 1, 0);
-    assert_eq!(
-        consume_async(&kafka.bootstrap_servers(), &src.topic, 1, DEADLINE)
-            .await
-            .len(),
-        1
-    );
-    kafka.request_errors(
+    let (sc, mut relay) = Scenario::builder()
+        .source("giveup")
+        .set("max_retries", 0)
+        .start()
+        .await;
+    let (pg, src) = (&sc.pg, sc.src());
+    sc.insert_events(src, 1, 1, 0);
+    assert_eq!(sc.consume(&src.topic, 1).await.len(), 1);
+    sc.kafka.mock().request_errors(
         RDKafkaApiKey::Produce,
         &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_POLICY_VIOLATION],
     );
-    insert_events(&pg, "postgres", &src.schema, 1, 1, 5);
-    let schema = src.schema.clone();
-    eventually("dead-lettered after one attempt", DEADLINE, || {
-        dead_letter_rows(&pg, "postgres", &schema) == 1
+    sc.insert_events(src, 1, 1, 5);
+    let schema = &src.schema;
+    eventually("dead-lettered after one attempt", DEADLINE, async || {
+        sc.dead_letter_rows(src) == 1
     })
     .await;
     let error = pg.psql(

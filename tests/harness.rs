@@ -7,8 +7,8 @@ use std::panic::AssertUnwindSafe;
 use std::time::Duration;
 
 use common::{
-    consume, consume_async, create_topic, free_port, unique_name, wait_until, Broker, PgServer,
-    Received,
+    consume, consume_async, create_topic, eventually, eventually_blocking, free_port, unique_name,
+    Broker, Metrics, PgServer, Received, RelayConfig,
 };
 use rdkafka::config::ClientConfig;
 use rdkafka::message::{Header, OwnedHeaders};
@@ -128,16 +128,121 @@ fn helpers() {
     std::net::TcpListener::bind(("127.0.0.1", p)).expect("free_port is bindable");
 
     let mut calls = 0;
-    wait_until("third call", Duration::from_secs(5), || {
+    eventually_blocking("third call", Duration::from_secs(5), || {
         calls += 1;
         calls == 3
     });
     assert_eq!(calls, 3);
-    let err =
-        std::panic::catch_unwind(|| wait_until("never", Duration::from_millis(100), || false))
-            .expect_err("must time out");
+    let err = std::panic::catch_unwind(|| {
+        eventually_blocking("never", Duration::from_millis(100), || false)
+    })
+    .expect_err("must time out");
     let msg = err.downcast_ref::<String>().cloned().unwrap_or_default();
     assert!(msg.contains("never"), "{msg}");
+    // What the condition saw last is in the message; a value it yields is returned.
+    let err = std::panic::catch_unwind(|| {
+        eventually_blocking("a row", Duration::from_millis(100), || {
+            Err::<(), _>("3 rows left")
+        })
+    })
+    .expect_err("must time out");
+    let msg = err.downcast_ref::<String>().cloned().unwrap_or_default();
+    assert!(
+        msg.contains("a row") && msg.contains("3 rows left"),
+        "{msg}"
+    );
+    let mut polls = 0;
+    let got = eventually_blocking("some", Duration::from_secs(5), || {
+        polls += 1;
+        (polls == 2).then_some("found")
+    });
+    assert_eq!((got, polls), ("found", 2));
+
+    // The same from async code, with an async condition.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut calls = 0;
+    let got = rt.block_on(eventually(
+        "third call",
+        Duration::from_secs(5),
+        async || {
+            calls += 1;
+            tokio::task::yield_now().await;
+            (calls == 3).then_some(calls)
+        },
+    ));
+    assert_eq!(got, 3);
+}
+
+#[test]
+fn relay_config_overrides_apply_or_fail_loudly() {
+    let src = common::TestSource {
+        name: "orders".into(),
+        db: "postgres".into(),
+        url: "postgres://postgres@127.0.0.1:1/postgres".into(),
+        schema: "orders_1".into(),
+        topic: "orders_1.events".into(),
+    };
+    let config = RelayConfig::default()
+        .set("kafka.brokers", "127.0.0.1:9")
+        .source(&src)
+        .set("operation_timeout", "1s")
+        .set("batch_size", 40)
+        .set("retry.after_dead_letter", "block")
+        .kafka_property("message.max.bytes", "4000000")
+        .source_set("orders", "topic", "elsewhere");
+    let s = config.settings();
+    assert_eq!(s.operation_timeout, Duration::from_secs(1));
+    assert_eq!(s.process_interval, Duration::from_millis(200));
+    assert_eq!(s.batch_size, 40);
+    assert_eq!(
+        s.retry.after_dead_letter,
+        outbox_relay::config::AfterDeadLetter::Block
+    );
+    assert_eq!(s.kafka.properties["message.max.bytes"], "4000000");
+    assert_eq!(s.sources[0].topic, "elsewhere");
+
+    let panics = |f: Box<dyn FnOnce() + std::panic::UnwindSafe>| {
+        let err = std::panic::catch_unwind(f).expect_err("must panic");
+        err.downcast_ref::<String>().cloned().unwrap_or_default()
+    };
+    let typo = config.clone().set("operation_timout", "1s");
+    let msg = panics(Box::new(move || drop(typo.settings())));
+    assert!(msg.contains("operation_timout"), "{msg}");
+    let bad = config.clone().set("batch_size", "lots");
+    let msg = panics(Box::new(move || drop(bad.settings())));
+    assert!(msg.contains("batch_size"), "{msg}");
+    let gone = config.clone();
+    let msg = panics(Box::new(move || drop(gone.unset("no_such_key"))));
+    assert!(msg.contains("no_such_key"), "{msg}");
+    let nobody = config.clone();
+    let msg = panics(Box::new(move || {
+        drop(nobody.source_set("nobody", "topic", "t"))
+    }));
+    assert!(msg.contains("nobody"), "{msg}");
+}
+
+#[test]
+fn metrics_reads_values_by_name_and_labels() {
+    let m = Metrics::parse(
+        "# TYPE outbox_events_failed_total counter\n\
+         outbox_events_failed_total{source=\"a\",reason=\"transport\"} 3\n\
+         outbox_events_failed_total{source=\"a\",reason=\"other\"} 0\n\
+         # TYPE outbox_source_leader gauge\n\
+         outbox_source_leader{source=\"a\"} 1\n",
+    );
+    assert_eq!(
+        m.value(
+            "outbox_events_failed_total",
+            &[("source", "a"), ("reason", "transport")]
+        ),
+        Some(3.0)
+    );
+    assert_eq!(
+        m.value("outbox_events_failed_total", &[("reason", "other")]),
+        Some(0.0)
+    );
+    assert_eq!(m.value("outbox_source_leader", &[("source", "b")]), None);
+    assert_eq!(m.of_source("outbox_source_leader", "a"), 1.0);
 }
 
 async fn produce_keyed(bootstrap: &str, topic: &str, n: usize) -> BTreeMap<String, (i32, i64)> {

@@ -6,31 +6,22 @@ mod common;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use common::relay::{
-    insert_events, migrate, mock, scrape, settings, toml, value, wait_outbox_empty, TestRelay,
-    TestSource,
-};
-use common::{consume_async, PgServer};
-
-const DEADLINE: Duration = Duration::from_secs(60);
+use common::{Metrics, Scenario, DEADLINE};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn metrics_count_every_event_and_every_series_exists_from_the_start() {
-    let pg = PgServer::start();
-    let busy = TestSource::new(&pg, "postgres", "busy");
-    let quiet = TestSource::new(&pg, "postgres", "quiet");
-    let kafka = mock(&[&busy.topic, &quiet.topic], 2);
-    let s = settings(&toml(
-        &[&busy, &quiet],
-        &kafka.bootstrap_servers(),
-        "batch_size = 30",
-    ));
-    migrate(&s).await;
-    let mut relay = TestRelay::start(s).await;
+    let (sc, mut relay) = Scenario::builder()
+        .source("busy")
+        .source("quiet")
+        .partitions(2)
+        .set("batch_size", 30)
+        .start()
+        .await;
+    let (busy, quiet) = (&sc.sources[0], &sc.sources[1]);
 
     let (code, first) = relay.get("/metrics").await;
     assert_eq!(code, 200);
-    let m = scrape(&first);
+    let m = Metrics::parse(&first);
     for reason in [
         "transport",
         "message_too_large",
@@ -40,8 +31,7 @@ async fn metrics_count_every_event_and_every_series_exists_from_the_start() {
         "other",
     ] {
         assert_eq!(
-            value(
-                &m,
+            m.value(
                 "outbox_events_failed_total",
                 &[("source", &quiet.name), ("reason", reason)]
             ),
@@ -51,40 +41,45 @@ async fn metrics_count_every_event_and_every_series_exists_from_the_start() {
     }
 
     let n = 250;
-    insert_events(&pg, "postgres", &busy.schema, n, 9, 0);
-    let got = consume_async(&kafka.bootstrap_servers(), &busy.topic, n, DEADLINE).await;
+    sc.insert_events(busy, n, 9, 0);
+    let got = sc.consume(&busy.topic, n).await;
     assert_eq!(got.len(), n);
-    wait_outbox_empty(&busy.url, &busy.schema, DEADLINE).await;
+    sc.wait_outbox_empty(busy).await;
     let (_, text) = relay
         .until("/metrics", DEADLINE, |_, b| {
-            let m = scrape(b);
-            value(&m, "outbox_events_pending", &[("source", &busy.name)]) == Some(0.0)
-                && value(
-                    &m,
-                    "outbox_events_published_total",
-                    &[("source", &busy.name)],
-                ) == Some(n as f64)
+            let m = Metrics::parse(b);
+            m.value("outbox_events_pending", &[("source", &busy.name)]) == Some(0.0)
+                && m.value("outbox_events_published_total", &[("source", &busy.name)])
+                    == Some(n as f64)
         })
         .await;
-    let m = scrape(&text);
+    let m = Metrics::parse(&text);
     let busy_l = [("source", busy.name.as_str())];
     let quiet_l = [("source", quiet.name.as_str())];
     assert_eq!(
-        value(&m, "outbox_events_published_total", &busy_l),
+        m.value("outbox_events_published_total", &busy_l),
         Some(n as f64)
     );
     assert_eq!(
-        value(&m, "outbox_events_published_total", &quiet_l),
+        m.value("outbox_events_published_total", &quiet_l),
         Some(0.0)
     );
     assert_eq!(
-        value(&m, "outbox_end_to_end_latency_seconds_count", &busy_l),
+        m.value("outbox_end_to_end_latency_seconds_count", &busy_l),
         Some(n as f64)
     );
-    assert!(value(&m, "outbox_batch_duration_seconds_count", &busy_l).unwrap() >= (n / 30) as f64);
-    assert!(value(&m, "outbox_publish_duration_seconds_count", &busy_l).unwrap() >= 1.0);
-    assert_eq!(value(&m, "outbox_source_leader", &busy_l), Some(1.0));
-    assert_eq!(value(&m, "outbox_source_up", &quiet_l), Some(1.0));
+    assert!(
+        m.value("outbox_batch_duration_seconds_count", &busy_l)
+            .unwrap()
+            >= (n / 30) as f64
+    );
+    assert!(
+        m.value("outbox_publish_duration_seconds_count", &busy_l)
+            .unwrap()
+            >= 1.0
+    );
+    assert_eq!(m.value("outbox_source_leader", &busy_l), Some(1.0));
+    assert_eq!(m.value("outbox_source_up", &quiet_l), Some(1.0));
     for name in [
         "outbox_events_dead_lettered_total",
         "outbox_events_pending",
@@ -92,16 +87,15 @@ async fn metrics_count_every_event_and_every_series_exists_from_the_start() {
         "outbox_dead_letter_rows",
         "outbox_poll_errors_total",
     ] {
-        assert_eq!(value(&m, name, &quiet_l), Some(0.0), "{name}");
+        assert_eq!(m.value(name, &quiet_l), Some(0.0), "{name}");
     }
     for name in ["process_resident_memory_bytes", "process_open_fds"] {
-        assert!(value(&m, name, &[]).unwrap_or(0.0) > 0.0, "{name}");
+        assert!(m.value(name, &[]).unwrap_or(0.0) > 0.0, "{name}");
     }
     // Whole seconds in the prometheus crate's collector: present, maybe still 0.
-    assert!(value(&m, "process_cpu_seconds_total", &[]).is_some());
+    assert!(m.value("process_cpu_seconds_total", &[]).is_some());
     assert_eq!(
-        value(
-            &m,
+        m.value(
             "outbox_relay_build_info",
             &[("version", env!("CARGO_PKG_VERSION"))]
         ),
@@ -112,12 +106,12 @@ async fn metrics_count_every_event_and_every_series_exists_from_the_start() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn postgres_down_turns_deep_health_503_while_liveness_stays_200() {
-    let pg = PgServer::start();
-    let src = TestSource::new(&pg, "postgres", "pgdown");
-    let kafka = mock(&[&src.topic], 2);
-    let s = settings(&toml(&[&src], &kafka.bootstrap_servers(), ""));
-    migrate(&s).await;
-    let mut relay = TestRelay::start(s).await;
+    let (sc, mut relay) = Scenario::builder()
+        .source("pgdown")
+        .partitions(2)
+        .start()
+        .await;
+    let (pg, src) = (&sc.pg, sc.src());
     let (code, body) = relay.until("/health/deep", DEADLINE, |c, _| c == 200).await;
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["status"], "ok");
@@ -160,17 +154,20 @@ async fn postgres_down_turns_deep_health_503_while_liveness_stays_200() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_stalled_task_turns_liveness_503() {
-    let pg = PgServer::start();
-    let src = TestSource::new(&pg, "postgres", "stall");
-    let kafka = mock(&[&src.topic], 2);
-    let s = settings(
-        &toml(&[&src], &kafka.bootstrap_servers(), "")
-            .replace("operation_timeout = \"10s\"", "operation_timeout = \"1s\""),
-    );
-    migrate(&s).await;
-    let mut relay = TestRelay::start(s).await;
-    let (code, _) = relay.until("/health", DEADLINE, |c, _| c == 200).await;
-    assert_eq!(code, 200);
+    let (sc, mut relay) = Scenario::builder()
+        .source("stall")
+        .partitions(2)
+        .set("operation_timeout", "1s")
+        .start()
+        .await;
+    let src = sc.src();
+    let (_, body) = relay.until("/health", DEADLINE, |c, _| c == 200).await;
+    // The bound is the longest a source may stay silent: 5s past the 1s operation
+    // timeout (the longest step) and 5s of slack; 20s with the default 10s.
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["bound_s"], 11.0, "{v}");
+    assert_eq!(v["sources"][0]["source"], src.name.as_str(), "{v}");
+    assert_eq!(v["sources"][0]["status"], "ok", "{v}");
     let hooks = relay.running().hooks(&src.name).unwrap().clone();
     hooks.stall.store(true, Ordering::Relaxed);
     let (_, body) = relay.until("/health", DEADLINE, |c, _| c == 503).await;

@@ -3,27 +3,21 @@
 
 mod common;
 
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use common::relay::{
-    audit, header, insert_events, migrate, mock, outbox_rows, settings, toml, TestRelay, TestSource,
-};
-use common::{consume_async, PgServer};
-
-const DEADLINE: Duration = Duration::from_secs(60);
-
-async fn wait_empty(pg: &PgServer, db: &str, schema: &str) {
-    common::relay::wait_outbox_empty(&pg.url(db), schema, DEADLINE).await;
-}
+use common::{audit, consume_async, eventually, header, Scenario, TestRelay, DEADLINE};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn committed_events_arrive_exactly_as_written_and_rolled_back_ones_never() {
-    let pg = PgServer::start();
-    let src = TestSource::new(&pg, "postgres", "contract");
+    let sc = Scenario::builder()
+        .source("contract")
+        .partitions(3)
+        .migrated()
+        .await;
+    let (pg, src) = (&sc.pg, sc.src());
     let other_topic = format!("{}.override", src.schema);
-    let kafka = mock(&[&src.topic, &other_topic], 3);
-    let s = settings(&toml(&[&src], &kafka.bootstrap_servers(), ""));
-    migrate(&s).await;
+    sc.kafka.create_topic(&other_topic, 3);
     let schema = &src.schema;
     pg.psql(
         "postgres",
@@ -57,10 +51,10 @@ async fn committed_events_arrive_exactly_as_written_and_rolled_back_ones_never()
     );
     let event_ids: Vec<&str> = event_ids.lines().collect();
 
-    let mut relay = TestRelay::start(s).await;
-    let main = consume_async(&kafka.bootstrap_servers(), &src.topic, 2, DEADLINE).await;
-    let over = consume_async(&kafka.bootstrap_servers(), &other_topic, 1, DEADLINE).await;
-    wait_empty(&pg, "postgres", schema).await;
+    let mut relay = sc.start_relay().await;
+    let main = sc.consume(&src.topic, 2).await;
+    let over = sc.consume(&other_topic, 1).await;
+    sc.wait_outbox_empty(src).await;
     relay.stop().await;
 
     assert_eq!(
@@ -91,18 +85,19 @@ async fn committed_events_arrive_exactly_as_written_and_rolled_back_ones_never()
         "the row's topic overrides the source's: {over:?}"
     );
     assert_eq!(over[0].key.as_deref(), Some("c-2"));
-    assert_eq!(outbox_rows(&pg, "postgres", schema), 0);
+    assert_eq!(sc.outbox_rows(src), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn per_aggregate_order_holds_under_concurrent_writers() {
-    let pg = PgServer::start();
-    let src = TestSource::new(&pg, "postgres", "order");
-    let kafka = mock(&[&src.topic], 4);
     // Small batches: order must hold across many of them.
-    let s = settings(&toml(&[&src], &kafka.bootstrap_servers(), "batch_size = 7"));
-    migrate(&s).await;
-    let mut relay = TestRelay::start(s).await;
+    let (sc, mut relay) = Scenario::builder()
+        .source("order")
+        .partitions(4)
+        .set("batch_size", 7)
+        .start()
+        .await;
+    let src = sc.src();
 
     let writers = 4;
     let mut tasks = Vec::new();
@@ -141,8 +136,8 @@ async fn per_aggregate_order_holds_under_concurrent_writers() {
     for t in tasks {
         expected += t.await.expect("writer");
     }
-    let got = consume_async(&kafka.bootstrap_servers(), &src.topic, expected, DEADLINE).await;
-    wait_empty(&pg, "postgres", &src.schema).await;
+    let got = sc.consume(&src.topic, expected).await;
+    sc.wait_outbox_empty(src).await;
     relay.stop().await;
     let (distinct, dups, disorder) = audit(&got);
     assert_eq!(distinct, expected, "every committed event arrives");
@@ -161,14 +156,11 @@ async fn per_aggregate_order_holds_under_concurrent_writers() {
 /// asking for the next one. A delete waits for a running claim only within a bound.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn delivered_rows_are_deleted_while_slow_claims_run_back_to_back() {
-    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::atomic::AtomicBool;
     use std::sync::Arc;
 
-    let pg = PgServer::start();
-    let src = TestSource::new(&pg, "postgres", "busy");
-    let kafka = mock(&[&src.topic], 1);
-    let s = settings(&toml(&[&src], &kafka.bootstrap_servers(), ""));
-    migrate(&s).await;
+    let sc = Scenario::builder().source("busy").migrated().await;
+    let (pg, src) = (&sc.pg, sc.src());
     let schema = &src.schema;
     pg.psql(
         "postgres",
@@ -179,7 +171,7 @@ async fn delivered_rows_are_deleted_while_slow_claims_run_back_to_back() {
              ANALYZE {schema}.outbox"
         ),
     );
-    let mut relay = TestRelay::start(s).await;
+    let mut relay = sc.start_relay().await;
 
     let stop = Arc::new(AtomicBool::new(false));
     let mut notifiers = Vec::new();
@@ -196,8 +188,8 @@ async fn delivered_rows_are_deleted_while_slow_claims_run_back_to_back() {
             sent
         }));
     }
-    insert_events(&pg, "postgres", schema, 5, 5, 0);
-    let got = consume_async(&kafka.bootstrap_servers(), &src.topic, 5, DEADLINE).await;
+    sc.insert_events(src, 5, 5, 0);
+    let got = sc.consume(&src.topic, 5).await;
     let pending = format!("SELECT count(*) FROM {schema}.outbox WHERE next_attempt_at IS NULL");
     // Within 10 ms of landing, plus the delete; seconds, usually, without the bound.
     let deadline = Duration::from_secs(3);
@@ -225,92 +217,70 @@ async fn delivered_rows_are_deleted_while_slow_claims_run_back_to_back() {
         "delivered rows still in the outbox after {deadline:?}"
     );
     assert_eq!(audit(&got), (5, 0, 0), "{got:?}");
-    assert_eq!(
-        outbox_rows(&pg, "postgres", schema),
-        100_000,
-        "the parked rows stay"
-    );
+    assert_eq!(sc.outbox_rows(src), 100_000, "the parked rows stay");
     assert!(sent >= 100, "only {sent} notifications went out");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn four_sources_across_two_databases() {
-    let pg = PgServer::start();
-    pg.create_database("catalog");
-    let customer = TestSource::new(&pg, "postgres", "customer");
-    let product = TestSource::new(&pg, "postgres", "product");
-    let admin = TestSource::new(&pg, "catalog", "product_admin");
-    let loader = TestSource::new(&pg, "catalog", "product_loader");
-    let all = [&customer, &product, &admin, &loader];
-    let topics: Vec<&str> = all.iter().map(|s| s.topic.as_str()).collect();
-    let kafka = mock(&topics, 2);
-    let s = settings(&toml(&all, &kafka.bootstrap_servers(), "batch_size = 50"));
-    migrate(&s).await;
-    for (i, src) in all.iter().enumerate() {
-        let db = if i < 2 { "postgres" } else { "catalog" };
-        insert_events(&pg, db, &src.schema, 300 + i * 100, 13, 0);
+    let sc = Scenario::builder()
+        .source("customer")
+        .source("product")
+        .source_in("catalog", "product_admin")
+        .source_in("catalog", "product_loader")
+        .partitions(2)
+        .set("batch_size", 50)
+        .migrated()
+        .await;
+    for (i, src) in sc.sources.iter().enumerate() {
+        sc.insert_events(src, 300 + i * 100, 13, 0);
     }
-    let mut relay = TestRelay::start(s).await;
-    for (i, src) in all.iter().enumerate() {
+    let mut relay = sc.start_relay().await;
+    for (i, src) in sc.sources.iter().enumerate() {
         let n = 300 + i * 100;
-        let got = consume_async(&kafka.bootstrap_servers(), &src.topic, n, DEADLINE).await;
+        let got = sc.consume(&src.topic, n).await;
         let (distinct, dups, disorder) = audit(&got);
         assert_eq!((distinct, dups, disorder), (n, 0, 0), "source {}", src.name);
         assert!(got
             .iter()
             .all(|r| header(r, "source") == Some(src.name.as_str())));
     }
-    for (i, src) in all.iter().enumerate() {
-        let db = if i < 2 { "postgres" } else { "catalog" };
-        wait_empty(&pg, db, &src.schema).await;
+    assert_eq!(
+        sc.sources.iter().map(|s| s.db.as_str()).collect::<Vec<_>>(),
+        ["postgres", "postgres", "catalog", "catalog"]
+    );
+    for src in &sc.sources {
+        sc.wait_outbox_empty(src).await;
     }
     relay.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_relays_never_work_one_source_at_once_and_a_survivor_takes_over() {
-    let pg = PgServer::start();
-    let src = TestSource::new(&pg, "postgres", "pair");
-    let kafka = mock(&[&src.topic], 3);
-    let cfg = toml(&[&src], &kafka.bootstrap_servers(), "batch_size = 20");
-    let s = settings(&cfg);
-    migrate(&s).await;
-    let mut a = TestRelay::start(settings(&cfg)).await;
-    let mut b = TestRelay::start(settings(&cfg)).await;
-    let name = src.name.clone();
-    let leaders = |a: &TestRelay, b: &TestRelay| {
-        let la = a
-            .running()
-            .state(&name)
+    let sc = Scenario::builder()
+        .source("pair")
+        .partitions(3)
+        .set("batch_size", 20)
+        .migrated()
+        .await;
+    let src = sc.src();
+    let mut a = sc.start_relay().await;
+    let mut b = sc.start_relay().await;
+    let leads = |r: &TestRelay| {
+        r.running()
+            .state(&src.name)
             .unwrap()
             .leader
-            .load(std::sync::atomic::Ordering::Relaxed);
-        let lb = b
-            .running()
-            .state(&name)
-            .unwrap()
-            .leader
-            .load(std::sync::atomic::Ordering::Relaxed);
-        (la, lb)
+            .load(Ordering::Relaxed)
     };
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    while leaders(&a, &b) == (false, false) {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "nobody took the source"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let leaders = |a: &TestRelay, b: &TestRelay| (leads(a), leads(b));
+    eventually("somebody takes the source", DEADLINE, async || {
+        leaders(&a, &b) != (false, false)
+    })
+    .await;
     let total = 3000;
     for round in 0..3 {
-        insert_events(
-            &pg,
-            "postgres",
-            &src.schema,
-            500,
-            17,
-            round * 500 / 17 + round,
-        );
+        sc.insert_events(src, 500, 17, round * 500 / 17 + round);
         assert_ne!(leaders(&a, &b), (true, true), "two leaders at once");
     }
     // Stop whoever leads mid-stream; the other must take over and finish.
@@ -321,32 +291,15 @@ async fn two_relays_never_work_one_source_at_once_and_a_survivor_takes_over() {
         b.stop().await;
     }
     for round in 3..6 {
-        insert_events(
-            &pg,
-            "postgres",
-            &src.schema,
-            500,
-            17,
-            round * 500 / 17 + round,
-        );
+        sc.insert_events(src, 500, 17, round * 500 / 17 + round);
     }
     let survivor = if la { &b } else { &a };
-    let start = tokio::time::Instant::now();
-    while !survivor
-        .running()
-        .state(&name)
-        .unwrap()
-        .leader
-        .load(std::sync::atomic::Ordering::Relaxed)
-    {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "no takeover within 10s"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let got = consume_async(&kafka.bootstrap_servers(), &src.topic, total, DEADLINE).await;
-    wait_empty(&pg, "postgres", &src.schema).await;
+    eventually("takeover within 10s", Duration::from_secs(10), async || {
+        leads(survivor)
+    })
+    .await;
+    let got = sc.consume(&src.topic, total).await;
+    sc.wait_outbox_empty(src).await;
     a.stop().await;
     b.stop().await;
     let (distinct, _dups, disorder) = audit(&got);
@@ -356,34 +309,26 @@ async fn two_relays_never_work_one_source_at_once_and_a_survivor_takes_over() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_disabled_relay_publishes_nothing_and_never_blocks_an_enabled_one() {
-    let pg = PgServer::start();
-    let src = TestSource::new(&pg, "postgres", "disabled");
-    let kafka = mock(&[&src.topic], 1);
-    let on = toml(&[&src], &kafka.bootstrap_servers(), "");
-    let off = toml(&[&src], &kafka.bootstrap_servers(), "enabled = false");
-    migrate(&settings(&on)).await;
-    insert_events(&pg, "postgres", &src.schema, 40, 4, 0);
-    let mut disabled = TestRelay::start(settings(&off)).await;
-    let got = consume_async(
-        &kafka.bootstrap_servers(),
-        &src.topic,
-        1,
-        Duration::from_secs(2),
-    )
-    .await;
+    let sc = Scenario::builder().source("disabled").migrated().await;
+    let src = sc.src();
+    sc.insert_events(src, 40, 4, 0);
+    let off = sc.config.clone().set("enabled", false).settings();
+    assert!(!off.enabled);
+    let mut disabled = TestRelay::start(off).await;
+    let got = consume_async(&sc.bootstrap(), &src.topic, 1, Duration::from_secs(2)).await;
     assert!(got.is_empty(), "a disabled relay published {got:?}");
-    assert_eq!(outbox_rows(&pg, "postgres", &src.schema), 40);
+    assert_eq!(sc.outbox_rows(src), 40);
     let (code, _) = disabled.get("/health").await;
     assert_eq!(code, 200, "a disabled relay is alive");
-    let mut enabled = TestRelay::start(settings(&on)).await;
-    let got = consume_async(&kafka.bootstrap_servers(), &src.topic, 40, DEADLINE).await;
+    let mut enabled = sc.start_relay().await;
+    let got = sc.consume(&src.topic, 40).await;
     assert_eq!(audit(&got), (40, 0, 0));
     let held = disabled
         .running()
         .state(&src.name)
         .unwrap()
         .leader
-        .load(std::sync::atomic::Ordering::Relaxed);
+        .load(Ordering::Relaxed);
     assert!(!held, "the disabled relay never took the source");
     enabled.stop().await;
     disabled.stop().await;
@@ -397,11 +342,13 @@ async fn the_claim_returns_the_rows_not_held_in_id_order_and_finds_late_commits(
     use outbox_relay::db::DatabaseUrl;
     use outbox_relay::source::store::Store;
 
-    let pg = PgServer::start();
-    let src = TestSource::new(&pg, "postgres", "claim");
-    let s = settings(&toml(&[&src], "127.0.0.1:9", ""));
-    migrate(&s).await;
-    insert_events(&pg, "postgres", &src.schema, 400, 3, 0);
+    let sc = Scenario::builder()
+        .source("claim")
+        .no_broker()
+        .migrated()
+        .await;
+    let (pg, src) = (&sc.pg, sc.src());
+    sc.insert_events(src, 400, 3, 0);
     let pool = DatabaseUrl::parse(&src.url)
         .unwrap()
         .pool(2, DEADLINE)
@@ -497,7 +444,7 @@ async fn the_claim_returns_the_rows_not_held_in_id_order_and_finds_late_commits(
         .await
         .unwrap()
         .get(0);
-    insert_events(&pg, "postgres", &src.schema, 1, 1, 0);
+    sc.insert_events(src, 1, 1, 0);
     let after: i64 = pg
         .psql(
             "postgres",
@@ -519,9 +466,12 @@ async fn the_claim_returns_the_rows_not_held_in_id_order_and_finds_late_commits(
 async fn the_relays_connections_go_by_the_primary_key_and_the_urls_options_win() {
     use outbox_relay::db::DatabaseUrl;
 
-    let pg = PgServer::start();
-    let src = TestSource::new(&pg, "postgres", "plans");
-    migrate(&settings(&toml(&[&src], "127.0.0.1:9", ""))).await;
+    let sc = Scenario::builder()
+        .source("plans")
+        .no_broker()
+        .migrated()
+        .await;
+    let src = sc.src();
     let url = DatabaseUrl::parse(&src.url).unwrap();
     let pool = url.pool(1, DEADLINE).unwrap();
     let client = pool.get().await.unwrap();

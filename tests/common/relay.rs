@@ -1,61 +1,143 @@
-//! Relay-specific test helpers: settings for a test's own schema and topic, migrations,
-//! writing events the way a service does, starting the relay in-process, and checks of
-//! what consumers received.
-#![allow(dead_code)]
+//! The relay under test: its configuration ([`RelayConfig`], a TOML table built with
+//! setters) and the relay running in this process ([`TestRelay`]).
+//!
+//! A [`RelayConfig`] never edits TOML text: every override is a key put into the table,
+//! and the relay's own loader, which refuses unknown keys and bad values, reads the
+//! result, so an override that does not apply fails the test instead of going unnoticed.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use outbox_relay::app::{self, Running};
 use outbox_relay::config::Settings;
 use tokio_util::sync::CancellationToken;
+use toml::{Table, Value};
 
-use super::{PgServer, Received};
+use super::http;
+use super::outbox::TestSource;
+use super::wait::eventually;
 
-/// One source of a test relay.
-pub struct TestSource {
-    pub name: String,
-    pub url: String,
-    pub schema: String,
-    pub topic: String,
+/// A relay configuration under construction.
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    table: Table,
 }
 
-impl TestSource {
-    /// A source with a fresh schema and topic named after `prefix`, in database `db`.
-    pub fn new(pg: &PgServer, db: &str, prefix: &str) -> TestSource {
-        let schema = super::unique_name(prefix);
-        TestSource {
-            name: schema.replace('_', "-"),
-            url: pg.url(db),
-            topic: format!("{schema}.events"),
-            schema,
+impl Default for RelayConfig {
+    /// Test-friendly timings (a 200 ms poll and health refresh, a 10 s operation timeout),
+    /// an HTTP server on a port of the kernel's choosing, no brokers and no sources yet.
+    fn default() -> RelayConfig {
+        RelayConfig {
+            table: Table::new(),
         }
+        .set("process_interval", "200ms")
+        .set("operation_timeout", "10s")
+        .set("http.listen", "127.0.0.1:0")
+        .set("health.refresh_interval", "200ms")
     }
 }
 
-/// TOML for a relay over `sources`, with test-friendly timings; `extra` is appended to
-/// the top-level keys (before any table).
-pub fn toml(sources: &[&TestSource], brokers: &str, extra: &str) -> String {
-    let mut t = format!(
-        "process_interval = \"200ms\"\noperation_timeout = \"10s\"\n{extra}\n\
-         [kafka]\nbrokers = \"{brokers}\"\n[http]\nlisten = \"127.0.0.1:0\"\n\
-         [health]\nrefresh_interval = \"200ms\"\n"
-    );
-    for s in sources {
-        t.push_str(&format!(
-            "[[sources]]\nname = \"{}\"\ndatabase_url = \"{}\"\nschema = \"{}\"\ntopic = \"{}\"\n",
-            s.name, s.url, s.schema, s.topic
-        ));
+impl RelayConfig {
+    /// Sets `path` (dotted: `"retry.backoff_base"`) to `value`, creating the tables on the
+    /// way. Panics if a part of the path names something that is not a table.
+    pub fn set(mut self, path: &str, value: impl Into<Value>) -> RelayConfig {
+        let (tables, key) = split(path);
+        table_at(&mut self.table, &tables).insert(key.to_string(), value.into());
+        self
     }
-    t
+
+    /// Removes `path`; panics if it is not set, so a removal cannot miss.
+    pub fn unset(mut self, path: &str) -> RelayConfig {
+        let (tables, key) = split(path);
+        if table_at(&mut self.table, &tables).remove(key).is_none() {
+            panic!("unset({path}): not set in\n{}", self.to_toml());
+        }
+        self
+    }
+
+    /// Sets the librdkafka property `name` (dotted itself) in `[kafka.properties]`.
+    pub fn kafka_property(mut self, name: &str, value: &str) -> RelayConfig {
+        table_at(&mut self.table, &["kafka", "properties"]).insert(name.into(), value.into());
+        self
+    }
+
+    /// Adds `src` as a `[[sources]]` entry: name, database_url, schema, topic.
+    pub fn source(mut self, src: &TestSource) -> RelayConfig {
+        let mut t = Table::new();
+        t.insert("name".into(), src.name.as_str().into());
+        t.insert("database_url".into(), src.url.as_str().into());
+        t.insert("schema".into(), src.schema.as_str().into());
+        t.insert("topic".into(), src.topic.as_str().into());
+        let sources = self
+            .table
+            .entry("sources")
+            .or_insert_with(|| Value::Array(Vec::new()));
+        sources
+            .as_array_mut()
+            .expect("sources is an array")
+            .push(Value::Table(t));
+        self
+    }
+
+    /// Sets `key` of the source called `name`; panics if there is no such source.
+    pub fn source_set(mut self, name: &str, key: &str, value: impl Into<Value>) -> RelayConfig {
+        self.source_table(name).insert(key.into(), value.into());
+        self
+    }
+
+    /// Removes `key` of the source called `name`; panics if it is not set.
+    pub fn source_unset(mut self, name: &str, key: &str) -> RelayConfig {
+        if self.source_table(name).remove(key).is_none() {
+            panic!(
+                "source_unset({name}, {key}): not set in\n{}",
+                self.to_toml()
+            );
+        }
+        self
+    }
+
+    fn source_table(&mut self, name: &str) -> &mut Table {
+        let text = self.to_toml();
+        self.table
+            .get_mut("sources")
+            .and_then(Value::as_array_mut)
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_table_mut)
+            .find(|t| t.get("name").and_then(Value::as_str) == Some(name))
+            .unwrap_or_else(|| panic!("no source named {name} in\n{text}"))
+    }
+
+    /// The configuration as TOML text, as a file would hold it.
+    pub fn to_toml(&self) -> String {
+        toml::to_string(&self.table).expect("render TOML")
+    }
+
+    /// The relay's settings from this configuration and an empty environment; panics with
+    /// every problem the relay's loader finds.
+    pub fn settings(&self) -> Settings {
+        let text = self.to_toml();
+        Settings::from_parts(Some(&text), &HashMap::new()).unwrap_or_else(|e| panic!("{e}\n{text}"))
+    }
 }
 
-/// Settings from TOML, with an empty environment.
-pub fn settings(toml: &str) -> Settings {
-    Settings::from_parts(Some(toml), &HashMap::new()).unwrap_or_else(|e| panic!("{e}\n{toml}"))
+fn split(path: &str) -> (Vec<&str>, &str) {
+    let mut parts: Vec<&str> = path.split('.').collect();
+    let key = parts.pop().expect("a key");
+    (parts, key)
 }
 
-/// Applies the migrations to every source.
+fn table_at<'t>(root: &'t mut Table, path: &[&str]) -> &'t mut Table {
+    path.iter().fold(root, |t, part| {
+        t.entry(*part)
+            .or_insert_with(|| Value::Table(Table::new()))
+            .as_table_mut()
+            .unwrap_or_else(|| panic!("{part} is not a table"))
+    })
+}
+
+/// Applies the migrations to every source of `settings`.
 pub async fn migrate(settings: &Settings) {
     outbox_relay::migrate::migrate_all(settings)
         .await
@@ -66,7 +148,7 @@ pub async fn migrate(settings: &Settings) {
 pub struct TestRelay {
     pub running: Option<Running>,
     pub cancel: CancellationToken,
-    pub addr: std::net::SocketAddr,
+    pub addr: SocketAddr,
 }
 
 impl TestRelay {
@@ -98,186 +180,9 @@ impl TestRelay {
 
     /// GET `path` on the relay's HTTP server: (status, body).
     pub async fn get(&self, path: &str) -> (u16, String) {
-        http_get(self.addr, path).await
+        http::get(self.addr, path).await
     }
-}
 
-impl Drop for TestRelay {
-    fn drop(&mut self) {
-        self.cancel.cancel();
-    }
-}
-
-/// A minimal HTTP/1.1 GET over a plain socket: (status, body).
-pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .expect("write");
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).await.expect("read");
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    // Bodies may come chunked; strip chunk-size lines when they look like hex lengths.
-    let body = if text
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
-        dechunk(&body)
-    } else {
-        body
-    };
-    (status, body)
-}
-
-fn dechunk(body: &str) -> String {
-    let mut out = String::new();
-    let mut rest = body;
-    while let Some((size, tail)) = rest.split_once("\r\n") {
-        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
-        if n == 0 || tail.len() < n {
-            break;
-        }
-        out.push_str(&tail[..n]);
-        rest = tail[n..].trim_start_matches("\r\n");
-    }
-    out
-}
-
-/// Inserts `n` events for `aggregates` aggregates round-robin in one transaction;
-/// the payload is `{"agg": a, "seq": s}` with `s` counting per aggregate from `first_seq`.
-pub fn insert_events(
-    pg: &PgServer,
-    db: &str,
-    schema: &str,
-    n: usize,
-    aggregates: usize,
-    first_seq: usize,
-) {
-    pg.psql(
-        db,
-        &format!(
-            "INSERT INTO {schema}.outbox (aggregate_type, aggregate_id, event_type, payload) \
-             SELECT 'order', 'agg-' || (i % {aggregates}), 'OrderChanged', \
-                    jsonb_build_object('agg', i % {aggregates}, 'seq', {first_seq} + i / {aggregates}) \
-             FROM generate_series(0, {n} - 1) AS i ORDER BY i"
-        ),
-    );
-}
-
-/// Rows left in a source's outbox.
-pub fn outbox_rows(pg: &PgServer, db: &str, schema: &str) -> i64 {
-    pg.psql(db, &format!("SELECT count(*) FROM {schema}.outbox"))
-        .parse()
-        .expect("count")
-}
-
-/// Rows in a source's dead-letter table.
-pub fn dead_letter_rows(pg: &PgServer, db: &str, schema: &str) -> i64 {
-    pg.psql(
-        db,
-        &format!("SELECT count(*) FROM {schema}.outbox_dead_letter"),
-    )
-    .parse()
-    .expect("count")
-}
-
-/// The value of a header.
-pub fn header<'a>(r: &'a Received, name: &str) -> Option<&'a str> {
-    r.headers
-        .iter()
-        .find(|(k, _)| k == name)
-        .map(|(_, v)| v.as_str())
-}
-
-/// Per-aggregate check of `{"seq": n}` payloads: returns (distinct events, duplicates,
-/// order violations). A duplicate is an event_id seen before; an order violation is a
-/// first sighting of a seq lower than one already seen for the same key.
-pub fn audit(received: &[Received]) -> (usize, usize, usize) {
-    let mut seen = std::collections::HashSet::new();
-    let mut last: HashMap<String, i64> = HashMap::new();
-    let (mut dups, mut disorder) = (0, 0);
-    for r in received {
-        let id = header(r, "event_id").unwrap_or_default().to_string();
-        if !seen.insert(id) {
-            dups += 1;
-            continue;
-        }
-        let v: serde_json::Value =
-            serde_json::from_str(r.value.as_deref().unwrap_or("null")).unwrap_or_default();
-        let seq = v["seq"].as_i64().unwrap_or(-1);
-        let key = r.key.clone().unwrap_or_default();
-        let prev = last.entry(key).or_insert(-1);
-        if seq < *prev {
-            disorder += 1;
-        } else {
-            *prev = seq;
-        }
-    }
-    (seen.len(), dups, disorder)
-}
-
-/// Polls the outbox until it is empty; panics after `deadline`.
-pub async fn wait_outbox_empty(url: &str, schema: &str, deadline: Duration) {
-    let end = tokio::time::Instant::now() + deadline;
-    let client = super::connect(url).await;
-    let mut left: i64 = -1;
-    while tokio::time::Instant::now() < end {
-        left = client
-            .query_one(&format!("SELECT count(*) FROM {schema}.outbox"), &[])
-            .await
-            .expect("count")
-            .get(0);
-        if left == 0 {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("{schema}.outbox still holds {left} rows after {deadline:?}");
-}
-
-/// A librdkafka mock cluster of one broker with `topics` created.
-pub fn mock(
-    topics: &[&str],
-    partitions: i32,
-) -> rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext> {
-    let m = rdkafka::mocking::MockCluster::new(1).expect("mock cluster");
-    for t in topics {
-        m.create_topic(t, partitions, 1).expect("create topic");
-    }
-    m
-}
-
-/// Parses Prometheus text format, failing the test if it is not.
-pub fn scrape(text: &str) -> prometheus_parse::Scrape {
-    prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string())))
-        .unwrap_or_else(|e| panic!("not Prometheus text format: {e}\n{text}"))
-}
-
-/// The value of the first sample of `name` with `labels`.
-pub fn value(s: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    s.samples
-        .iter()
-        .find(|x| x.metric == name && labels.iter().all(|(k, v)| x.labels.get(k) == Some(*v)))
-        .map(|x| match x.value {
-            prometheus_parse::Value::Counter(v)
-            | prometheus_parse::Value::Gauge(v)
-            | prometheus_parse::Value::Untyped(v) => v,
-            prometheus_parse::Value::Histogram(ref h) => h.last().map(|b| b.count).unwrap_or(0.0),
-            prometheus_parse::Value::Summary(_) => f64::NAN,
-        })
-}
-
-impl TestRelay {
     /// Polls `path` until `ok(status, body)` holds; returns that answer.
     pub async fn until(
         &self,
@@ -285,17 +190,24 @@ impl TestRelay {
         deadline: Duration,
         ok: impl Fn(u16, &str) -> bool,
     ) -> (u16, String) {
-        let end = tokio::time::Instant::now() + deadline;
-        loop {
-            let (code, body) = self.get(path).await;
-            if ok(code, &body) {
-                return (code, body);
-            }
-            assert!(
-                tokio::time::Instant::now() < end,
-                "{path} never satisfied the condition; last: {code} {body}"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        eventually(
+            &format!("GET {path} satisfies the condition"),
+            deadline,
+            async || {
+                let (code, body) = self.get(path).await;
+                if ok(code, &body) {
+                    Ok((code, body))
+                } else {
+                    Err(format!("{code} {body}"))
+                }
+            },
+        )
+        .await
+    }
+}
+
+impl Drop for TestRelay {
+    fn drop(&mut self) {
+        self.cancel.cancel();
     }
 }
