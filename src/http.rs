@@ -237,3 +237,124 @@ async fn metrics(State(st): State<Arc<HttpState>>) -> Response {
     )
         .into_response()
 }
+
+#[cfg(test)]
+mod tests {
+    //! The router without a socket (tower's `oneshot`): what a probe and a scraper get.
+    //! The database and the brokers named here do not exist, which is the point of the
+    //! deep check's test and harmless to the others.
+
+    use std::collections::HashMap;
+    use std::sync::atomic::Ordering;
+
+    use axum::body::{to_bytes, Body};
+    use axum::http::Request;
+    use tower::ServiceExt;
+
+    use super::*;
+
+    const TOML: &str = r#"
+        operation_timeout = "1s"
+        [kafka]
+        brokers = "127.0.0.1:1"
+        [[sources]]
+        name = "orders"
+        schema = "orders"
+        topic = "orders.events"
+        database_url = "postgres://relay@127.0.0.1:1/app"
+    "#;
+
+    fn state() -> Arc<HttpState> {
+        let settings =
+            Arc::new(Settings::from_parts(Some(TOML), &HashMap::new()).expect("settings"));
+        let metrics = Arc::new(Metrics::new(&["orders"]));
+        let s = &settings.sources[0];
+        let pool = s
+            .database_url
+            .pool(2, settings.operation_timeout)
+            .expect("a pool connects lazily");
+        let sink = Arc::new(Sink::new(&settings.kafka, settings.operation_timeout).expect("sink"));
+        Arc::new(HttpState {
+            settings: settings.clone(),
+            metrics,
+            sources: vec![SourceView {
+                name: s.name.clone(),
+                pool,
+                health: Arc::new(SourceHealth::new()),
+            }],
+            sink,
+            deep_cache: tokio::sync::Mutex::new(None),
+        })
+    }
+
+    async fn get(st: &Arc<HttpState>, path: &str) -> (StatusCode, String, String) {
+        let req = Request::builder().uri(path).body(Body::empty()).unwrap();
+        let resp = router(st.clone()).oneshot(req).await.expect("infallible");
+        let code = resp.status();
+        let ctype = resp
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string();
+        let body = to_bytes(resp.into_body(), 1 << 20).await.expect("body");
+        (code, ctype, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    #[tokio::test]
+    async fn liveness_follows_the_source_tasks_heartbeat_only() {
+        let st = state();
+        let (code, _, body) = get(&st, "/health").await;
+        assert_eq!(code, StatusCode::OK, "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["sources"][0]["source"], "orders");
+        assert_eq!(v["sources"][0]["status"], "ok");
+        // A task silent for longer than the bound: stuck, whatever the database says.
+        let bound = liveness_bound(&st.settings);
+        let old = st.sources[0].health.heartbeat_ms.load(Ordering::Relaxed);
+        st.sources[0]
+            .health
+            .heartbeat_ms
+            .store(old - bound.as_millis() as u64 - 1000, Ordering::Relaxed);
+        let (code, _, body) = get(&st, "/health").await;
+        assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        assert!(body.contains("\"stuck\""), "{body}");
+    }
+
+    #[tokio::test]
+    async fn readiness_names_the_database_it_cannot_reach() {
+        let st = state();
+        let (code, _, body) = get(&st, "/health/deep").await;
+        assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let checks = v["checks"].as_array().expect("checks");
+        let db = checks
+            .iter()
+            .find(|c| c["component"] == "database:orders")
+            .expect("a database check");
+        assert_eq!(db["status"], "down", "{body}");
+        assert!(
+            checks.iter().any(|c| c["component"] == "lag:orders"),
+            "{body}"
+        );
+        assert!(!body.contains("password"), "{body}");
+    }
+
+    #[tokio::test]
+    async fn metrics_are_prometheus_text_with_every_series_of_the_source() {
+        let st = state();
+        let (code, ctype, body) = get(&st, "/metrics").await;
+        assert_eq!(code, StatusCode::OK);
+        assert!(ctype.starts_with("text/plain; version=0.0.4"), "{ctype}");
+        for reason in crate::sink::Reason::ALL.map(crate::sink::Reason::label) {
+            let series =
+                format!("outbox_events_failed_total{{reason=\"{reason}\",source=\"orders\"}} 0");
+            assert!(body.contains(&series), "{series} missing");
+        }
+        assert!(
+            body.contains("outbox_source_leader{source=\"orders\"} 0"),
+            "{body}"
+        );
+        assert_eq!(get(&st, "/nope").await.0, StatusCode::NOT_FOUND);
+    }
+}

@@ -7,6 +7,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use common::{Metrics, Scenario, DEADLINE};
+use outbox_relay::sink::Reason;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn metrics_count_every_event_and_every_series_exists_from_the_start() {
@@ -22,14 +23,7 @@ async fn metrics_count_every_event_and_every_series_exists_from_the_start() {
     let (code, first) = relay.get("/metrics").await;
     assert_eq!(code, 200);
     let m = Metrics::parse(&first);
-    for reason in [
-        "transport",
-        "message_too_large",
-        "invalid_topic",
-        "invalid_record",
-        "unknown_topic",
-        "other",
-    ] {
+    for reason in Reason::ALL.map(Reason::label) {
         assert_eq!(
             m.value(
                 "outbox_events_failed_total",
