@@ -1,0 +1,355 @@
+//! Reading the layered map (built-in defaults, the TOML file, the environment) into
+//! [`Settings`], key by key: every unknown key, bad value and contradiction is recorded
+//! under its full path, and reported together.
+
+use super::*;
+
+impl Settings {
+    pub(super) fn from_map(
+        mut root: Map<String, Value>,
+        env: &HashMap<String, String>,
+        errs: &mut Vec<String>,
+    ) -> Option<Settings> {
+        let mut t = Table::new(&mut root, "", errs);
+        let database_url: Option<String> = t.opt("database_url");
+        let batch_size = t.int("batch_size", 10, 1, 100_000);
+        let delete_batch_size = t.int("delete_batch_size", 50, 1, 100_000);
+        let in_flight_batches = t.int("in_flight_batches", 4, 1, 64);
+        let process_interval = t.duration("process_interval", Duration::from_secs(5));
+        let max_retries = t.int("max_retries", 3, 0, 1_000) as i32;
+        let dead_letter_size = t.int("dead_letter_size", 1000, 0, i64::MAX as u64) as i64;
+        let operation_timeout = t.duration("operation_timeout", Duration::from_secs(30));
+        let enabled = t.get("enabled", true);
+
+        let mut retry_map = t.table("retry");
+        let mut r = Table::new(&mut retry_map, "retry.", t.errs);
+        let retry = RetrySettings {
+            backoff_base: r.duration("backoff_base", Duration::from_secs(1)),
+            backoff_max: r.duration("backoff_max", Duration::from_secs(300)),
+            after_dead_letter: r.get("after_dead_letter", AfterDeadLetter::Continue),
+        };
+        r.finish();
+
+        let mut kafka_map = t.table("kafka");
+        let mut k = Table::new(&mut kafka_map, "kafka.", t.errs);
+        let brokers: String = k.get("brokers", "localhost:9092".to_string());
+        let raw_props: BTreeMap<String, Value> = k.get("properties", BTreeMap::new());
+        k.finish();
+        let mut properties = BTreeMap::new();
+        for (key, value) in raw_props {
+            // Environment keys cannot hold dots; librdkafka names never hold underscores.
+            let key = key.replace('_', ".");
+            let value = match value {
+                Value::String(s) => s,
+                Value::Null => String::new(),
+                other => other.to_string(),
+            };
+            properties.insert(key, value);
+        }
+
+        let mut http_map = t.table("http");
+        let mut h = Table::new(&mut http_map, "http.", t.errs);
+        let listen: String = h.get("listen", "0.0.0.0:8080".to_string());
+        h.finish();
+
+        let mut health_map = t.table("health");
+        let mut he = Table::new(&mut health_map, "health.", t.errs);
+        let health = HealthSettings {
+            lag_threshold: he.duration("lag_threshold", Duration::from_secs(60)),
+            refresh_interval: he.duration("refresh_interval", Duration::from_secs(5)),
+        };
+        he.finish();
+
+        let mut log_map = t.table("log");
+        let mut l = Table::new(&mut log_map, "log.", t.errs);
+        let log = LogSettings {
+            level: l.get("level", "info".to_string()),
+            format: l.get("format", LogFormat::Auto),
+        };
+        l.finish();
+
+        let raw_sources: Vec<Value> = t.get("sources", Vec::new());
+        t.finish();
+
+        let shared_url = database_url
+            .as_deref()
+            .and_then(|u| match DatabaseUrl::parse(u) {
+                Ok(u) => Some(u),
+                Err(e) => {
+                    errs.push(format!("database_url: {e}"));
+                    None
+                }
+            });
+
+        let mut sources = Vec::new();
+        let mut names = HashSet::new();
+        let mut schemas = HashSet::new();
+        for (i, raw) in raw_sources.into_iter().enumerate() {
+            let prefix = format!("sources[{i}].");
+            let Value::Object(mut map) = raw else {
+                errs.push(format!("sources[{i}]: expected a table"));
+                continue;
+            };
+            let mut s = Table::new(&mut map, &prefix, errs);
+            let name: Option<String> = s.required("name");
+            let url: Option<String> = s.opt("database_url");
+            let url_env: Option<String> = s.opt("database_url_env");
+            let schema: String = s.get("schema", "outbox".to_string());
+            let topic: Option<String> = s.required("topic");
+            s.finish();
+
+            if let Some(n) = &name {
+                if n.is_empty()
+                    || !n
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+                {
+                    errs.push(format!("{prefix}name: {n:?} must be non-empty and use only letters, digits, '-', '_' and '.'"));
+                } else if !names.insert(n.clone()) {
+                    errs.push(format!("{prefix}name: {n:?} is used by two sources"));
+                }
+            }
+            if !is_identifier(&schema) {
+                errs.push(format!("{prefix}schema: {schema:?} is not a plain identifier (lowercase letters, digits and '_', not starting with a digit, at most 63 bytes)"));
+            }
+            if let Some(t) = &topic {
+                if let Err(e) = validate_topic(t) {
+                    errs.push(format!("{prefix}topic: {e}"));
+                }
+            }
+            let url = match (url, url_env) {
+                (Some(_), Some(_)) => {
+                    errs.push(format!(
+                        "{prefix}database_url and {prefix}database_url_env: set one, not both"
+                    ));
+                    None
+                }
+                (Some(u), None) => match DatabaseUrl::parse(&u) {
+                    Ok(u) => Some(u),
+                    Err(e) => {
+                        errs.push(format!("{prefix}database_url: {e}"));
+                        None
+                    }
+                },
+                (None, Some(var)) => match env.get(&var) {
+                    Some(u) => match DatabaseUrl::parse(u) {
+                        Ok(u) => Some(u),
+                        Err(e) => {
+                            errs.push(format!("{prefix}database_url_env: ${var}: {e}"));
+                            None
+                        }
+                    },
+                    None => {
+                        errs.push(format!(
+                            "{prefix}database_url_env: environment variable {var} is not set"
+                        ));
+                        None
+                    }
+                },
+                (None, None) => match &shared_url {
+                    Some(u) => Some(u.clone()),
+                    None => {
+                        if database_url.is_none() {
+                            errs.push(format!("{prefix}database_url: not set, and neither {prefix}database_url_env nor a top-level database_url (OUTBOX_DATABASE_URL) is"));
+                        }
+                        None
+                    }
+                },
+            };
+            if let Some(u) = &url {
+                if !schemas.insert((u.identity(), schema.clone())) {
+                    errs.push(format!(
+                        "{prefix}schema: {schema:?} in the same database is used by two sources"
+                    ));
+                }
+            }
+            if let (Some(name), Some(database_url), Some(topic)) = (name, url, topic) {
+                sources.push(SourceSettings {
+                    name,
+                    database_url,
+                    schema,
+                    topic,
+                });
+            }
+        }
+
+        if brokers.trim().is_empty() {
+            errs.push("kafka.brokers: must name at least one host:port".into());
+        }
+        for (key, fixed) in FIXED_KAFKA_PROPERTIES {
+            if let Some(v) = properties.get(*key) {
+                if v != fixed {
+                    errs.push(format!(
+                        "kafka.properties.{key}: the record contract fixes it to {fixed:?}, got {v:?}"
+                    ));
+                }
+            }
+        }
+        if properties.contains_key("bootstrap.servers") {
+            errs.push("kafka.properties.bootstrap.servers: set kafka.brokers instead".into());
+        }
+        let listen = match listen.parse::<SocketAddr>() {
+            Ok(a) => Some(a),
+            Err(e) => {
+                errs.push(format!(
+                    "http.listen: {listen:?} is not an address like 0.0.0.0:8080: {e}"
+                ));
+                None
+            }
+        };
+        if operation_timeout < Duration::from_secs(1) {
+            errs.push("operation_timeout: must be at least 1s".into());
+        }
+        if process_interval.is_zero() {
+            errs.push("process_interval: must be greater than zero".into());
+        }
+        if retry.backoff_base.is_zero() || retry.backoff_max < retry.backoff_base {
+            errs.push(
+                "retry.backoff_base, retry.backoff_max: need 0 < backoff_base <= backoff_max"
+                    .into(),
+            );
+        }
+
+        Some(Settings {
+            database_url: shared_url,
+            batch_size: batch_size as usize,
+            delete_batch_size: delete_batch_size as usize,
+            in_flight_batches: in_flight_batches as usize,
+            process_interval,
+            max_retries,
+            dead_letter_size,
+            operation_timeout,
+            enabled,
+            retry,
+            kafka: KafkaSettings {
+                brokers,
+                properties,
+            },
+            http: HttpSettings { listen: listen? },
+            health,
+            log,
+            sources,
+        })
+    }
+}
+
+/// Reads typed keys out of one table, recording every problem under its full key path.
+struct Table<'a> {
+    map: &'a mut Map<String, Value>,
+    prefix: String,
+    errs: &'a mut Vec<String>,
+}
+
+impl<'a> Table<'a> {
+    fn new(map: &'a mut Map<String, Value>, prefix: &str, errs: &'a mut Vec<String>) -> Self {
+        Table {
+            map,
+            prefix: prefix.to_string(),
+            errs,
+        }
+    }
+
+    fn take(&mut self, key: &str) -> Option<Value> {
+        self.map.remove(key)
+    }
+
+    fn get<T: DeserializeOwned>(&mut self, key: &str, default: T) -> T {
+        match self.take(key) {
+            None => default,
+            Some(v) => match coerce::<T>(v) {
+                Ok(t) => t,
+                Err(e) => {
+                    self.errs.push(format!("{}{key}: {e}", self.prefix));
+                    default
+                }
+            },
+        }
+    }
+
+    fn opt<T: DeserializeOwned>(&mut self, key: &str) -> Option<T> {
+        let v = self.take(key)?;
+        match coerce::<T>(v) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                self.errs.push(format!("{}{key}: {e}", self.prefix));
+                None
+            }
+        }
+    }
+
+    fn required<T: DeserializeOwned>(&mut self, key: &str) -> Option<T> {
+        if !self.map.contains_key(key) {
+            self.errs.push(format!("{}{key}: required", self.prefix));
+            return None;
+        }
+        self.opt(key)
+    }
+
+    fn int(&mut self, key: &str, default: u64, min: u64, max: u64) -> u64 {
+        let v: u64 = self.get(key, default);
+        if v < min || v > max {
+            self.errs.push(format!(
+                "{}{key}: {v} is outside {min}..={max}",
+                self.prefix
+            ));
+            return default;
+        }
+        v
+    }
+
+    fn duration(&mut self, key: &str, default: Duration) -> Duration {
+        match self.take(key) {
+            None => default,
+            Some(v) => parse_duration(&v).unwrap_or_else(|e| {
+                self.errs.push(format!("{}{key}: {e}", self.prefix));
+                default
+            }),
+        }
+    }
+
+    fn table(&mut self, key: &str) -> Map<String, Value> {
+        match self.take(key) {
+            None => Map::new(),
+            Some(Value::Object(m)) => m,
+            Some(other) => {
+                self.errs.push(format!(
+                    "{}{key}: expected a table, got {other}",
+                    self.prefix
+                ));
+                Map::new()
+            }
+        }
+    }
+
+    /// Reports every key nobody asked for: a typo fails at start.
+    fn finish(self) {
+        for key in self.map.keys() {
+            self.errs.push(format!("{}{key}: unknown key", self.prefix));
+        }
+    }
+}
+
+/// Deserializes a value, also accepting the strings the environment yields for numbers and booleans.
+fn coerce<T: DeserializeOwned>(v: Value) -> Result<T, String> {
+    match serde_json::from_value::<T>(v.clone()) {
+        Ok(t) => Ok(t),
+        Err(first) => {
+            if let Value::String(s) = &v {
+                let trimmed = s.trim();
+                let alt = if let Ok(i) = trimmed.parse::<i64>() {
+                    Some(Value::from(i))
+                } else if let Ok(b) = trimmed.to_ascii_lowercase().parse::<bool>() {
+                    Some(Value::from(b))
+                } else {
+                    None
+                };
+                if let Some(alt) = alt {
+                    if let Ok(t) = serde_json::from_value::<T>(alt) {
+                        return Ok(t);
+                    }
+                }
+            }
+            Err(first.to_string())
+        }
+    }
+}
