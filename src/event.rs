@@ -35,3 +35,26 @@ pub struct Event {
     /// Attempts allowed before the dead-letter table.
     pub max_retries: i32,
 }
+
+#[cfg(test)]
+impl Event {
+    /// An event of aggregate `order`/`aggregate_id` with nothing optional set, written
+    /// now, never tried: what the unit tests start from.
+    pub(crate) fn sample(id: i64, aggregate_id: &str) -> Event {
+        Event {
+            id,
+            event_id: Uuid::nil(),
+            aggregate_type: "order".into(),
+            aggregate_id: aggregate_id.into(),
+            event_type: "OrderPlaced".into(),
+            payload: None,
+            topic: None,
+            headers: None,
+            correlation_id: None,
+            idempotency_token: None,
+            created_at: SystemTime::now(),
+            retry_count: 0,
+            max_retries: 3,
+        }
+    }
+}

@@ -136,18 +136,13 @@ mod tests {
     fn event() -> Event {
         Event {
             id: 7,
-            event_id: uuid::Uuid::nil(),
             aggregate_type: "customer".into(),
             aggregate_id: "c-1".into(),
             event_type: "CustomerCreated".into(),
             payload: Some("{\"a\": 1}".into()),
-            topic: None,
             headers: Some("{\"traceparent\": \"00-abc\"}".into()),
             correlation_id: Some("corr".into()),
-            idempotency_token: None,
-            created_at: std::time::SystemTime::UNIX_EPOCH,
-            retry_count: 0,
-            max_retries: 3,
+            ..Event::sample(7, "c-1")
         }
     }
 

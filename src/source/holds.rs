@@ -92,21 +92,7 @@ mod tests {
     use super::*;
 
     fn event(id: i64, agg: &str) -> Event {
-        Event {
-            id,
-            event_id: uuid::Uuid::nil(),
-            aggregate_type: "t".into(),
-            aggregate_id: agg.into(),
-            event_type: "e".into(),
-            payload: None,
-            topic: None,
-            headers: None,
-            correlation_id: None,
-            idempotency_token: None,
-            created_at: std::time::SystemTime::UNIX_EPOCH,
-            retry_count: 0,
-            max_retries: 3,
-        }
+        Event::sample(id, agg)
     }
 
     #[test]

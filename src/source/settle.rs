@@ -248,19 +248,9 @@ mod tests {
 
     fn event(retry_count: i32, max_retries: i32) -> Event {
         Event {
-            id: 1,
-            event_id: uuid::Uuid::nil(),
-            aggregate_type: "t".into(),
-            aggregate_id: "a".into(),
-            event_type: "e".into(),
-            payload: None,
-            topic: None,
-            headers: None,
-            correlation_id: None,
-            idempotency_token: None,
-            created_at: std::time::SystemTime::UNIX_EPOCH,
             retry_count,
             max_retries,
+            ..Event::sample(1, "a")
         }
     }
 

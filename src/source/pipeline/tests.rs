@@ -224,21 +224,7 @@ async fn none_for<T>(rx: &mut mpsc::UnboundedReceiver<T>, d: Duration, what: &st
 }
 
 fn event(id: i64, aggregate: &str) -> Event {
-    Event {
-        id,
-        event_id: uuid::Uuid::nil(),
-        aggregate_type: "order".into(),
-        aggregate_id: aggregate.into(),
-        event_type: "e".into(),
-        payload: None,
-        topic: None,
-        headers: None,
-        correlation_id: None,
-        idempotency_token: None,
-        created_at: SystemTime::now(),
-        retry_count: 0,
-        max_retries: 3,
-    }
+    Event::sample(id, aggregate)
 }
 
 fn failure(reason: Reason) -> Failure {
