@@ -81,19 +81,6 @@ pub enum DbErrorKind {
     Other,
 }
 
-impl DbErrorKind {
-    /// How a log line names it.
-    pub fn headline(self) -> &'static str {
-        match self {
-            DbErrorKind::Unreachable | DbErrorKind::TimedOut => "postgres unreachable",
-            DbErrorKind::Schema => "outbox tables not as expected",
-            DbErrorKind::Permission => "postgres permission denied",
-            DbErrorKind::Row => "outbox row unreadable",
-            DbErrorKind::Other => "postgres error",
-        }
-    }
-}
-
 impl DbError {
     /// Classifies a driver error met while doing `what`.
     pub fn pg(what: impl Into<String>, e: &tokio_postgres::Error) -> DbError {
@@ -153,14 +140,6 @@ impl DbError {
             DbError::Other { .. } => DbErrorKind::Other,
         }
     }
-
-    /// Whether waiting may fix it: the server is unreachable or slow.
-    pub fn is_transient(&self) -> bool {
-        matches!(
-            self.kind(),
-            DbErrorKind::Unreachable | DbErrorKind::TimedOut | DbErrorKind::Other
-        )
-    }
 }
 
 fn kind_of(e: &tokio_postgres::Error) -> DbErrorKind {
@@ -203,8 +182,6 @@ fn kind_of_state(code: &SqlState) -> DbErrorKind {
         // connection exceptions, insufficient resources (too many connections), and the
         // server shutting down, starting or crashed.
         DbErrorKind::Unreachable
-    } else if *code == SqlState::QUERY_CANCELED {
-        DbErrorKind::TimedOut
     } else if c.starts_with("28") || *code == SqlState::INSUFFICIENT_PRIVILEGE {
         DbErrorKind::Permission
     } else if [
@@ -235,7 +212,7 @@ mod tests {
             (SqlState::CANNOT_CONNECT_NOW, DbErrorKind::Unreachable),
             (SqlState::TOO_MANY_CONNECTIONS, DbErrorKind::Unreachable),
             (SqlState::CONNECTION_FAILURE, DbErrorKind::Unreachable),
-            (SqlState::QUERY_CANCELED, DbErrorKind::TimedOut),
+            (SqlState::QUERY_CANCELED, DbErrorKind::Other),
             (SqlState::INSUFFICIENT_PRIVILEGE, DbErrorKind::Permission),
             (SqlState::INVALID_PASSWORD, DbErrorKind::Permission),
             (SqlState::UNDEFINED_TABLE, DbErrorKind::Schema),
@@ -255,13 +232,9 @@ mod tests {
         let text = e.to_string();
         assert!(text.starts_with("claim: the outbox tables"), "{text}");
         assert!(text.contains("max_retries"), "{text}");
-        assert!(!e.is_transient());
-        assert!(DbError::timed_out("claim", Duration::from_secs(1)).is_transient());
-        assert_eq!(
-            DbError::timed_out("claim", Duration::from_secs(1))
-                .kind()
-                .headline(),
-            "postgres unreachable"
-        );
+        assert_eq!(e.kind(), DbErrorKind::Schema);
+        let t = DbError::timed_out("claim", Duration::from_secs(1));
+        assert_eq!(t.kind(), DbErrorKind::TimedOut);
+        assert_eq!(t.to_string(), "claim: timed out after 1s");
     }
 }

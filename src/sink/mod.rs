@@ -71,6 +71,8 @@ impl Sink {
             default_topic,
             pending: Vec::new(),
             event_id: String::with_capacity(36),
+            refused: false,
+            broken: None,
         }
     }
 
@@ -124,6 +126,11 @@ pub struct Outgoing {
     default_topic: Arc<str>,
     pending: Vec<(usize, DeliveryFuture)>,
     event_id: String,
+    /// The producer refused a record at once for the transport's sake: a fatal producer
+    /// refuses every record, so it may need replacing even with nothing to wait for.
+    refused: bool,
+    /// Why the brokers no longer accept the producer's id, when an error said so.
+    broken: Option<String>,
 }
 
 impl Outgoing {
@@ -140,22 +147,35 @@ impl Outgoing {
         if let Some(p) = record.payload {
             fr = fr.payload(p);
         }
-        let delivery = self
-            .producer
-            .send_result(fr)
-            .map_err(|(err, _)| classify(&err).failure)?;
-        self.pending.push((i, delivery));
-        Ok(())
+        match self.producer.send_result(fr) {
+            Ok(delivery) => {
+                self.pending.push((i, delivery));
+                Ok(())
+            }
+            Err((err, _)) => {
+                let c = classify(&err);
+                if c.failure.blame() == Blame::Transport {
+                    self.refused = true;
+                }
+                if c.breaks_producer && self.broken.is_none() {
+                    self.broken = Some(err.to_string());
+                }
+                Err(c.failure)
+            }
+        }
     }
 
     /// Every record handed over, acknowledged or failed. A record without an answer
-    /// within `message.timeout.ms` plus [`ACK_MARGIN`] is a transport failure. When
-    /// the brokers no longer accept the producer, it is replaced before this returns.
+    /// within `message.timeout.ms` plus [`ACK_MARGIN`] is a transport failure. After a
+    /// transport failure (at once or acknowledged), when the producer has hit a fatal
+    /// error or the brokers no longer accept its id, it is replaced before this returns.
     pub fn acks(self) -> Acks {
         let Outgoing {
             sink,
             producer,
             pending,
+            refused,
+            broken,
             ..
         } = self;
         let deadline = sink.operation_timeout + ACK_MARGIN;
@@ -175,7 +195,7 @@ impl Outgoing {
                 let f = Failure::transport(format!("no acknowledgement within {deadline:?}"));
                 return sent.into_iter().map(|i| (i, Err(f.clone()))).collect();
             };
-            let mut broken: Option<String> = None;
+            let mut broken = broken;
             let mut out: Vec<(usize, Result<(), Failure>)> = results
                 .into_iter()
                 .map(|(i, r)| {
@@ -197,7 +217,7 @@ impl Outgoing {
                 .collect();
             let transport =
                 |r: &Result<(), Failure>| matches!(r, Err(f) if f.blame() == Blame::Transport);
-            if out.iter().any(|(_, r)| transport(r)) {
+            if refused || out.iter().any(|(_, r)| transport(r)) {
                 // A fenced or otherwise dead producer fails every batch until replaced.
                 if let Some(why) = sink.renew_if_broken(&producer, broken.as_deref()) {
                     for (_, r) in out.iter_mut() {
@@ -212,5 +232,47 @@ impl Outgoing {
             out
         }
         .boxed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rdkafka::mocking::MockCluster;
+
+    #[tokio::test]
+    async fn a_fatal_producer_is_replaced_even_when_it_refuses_every_record_at_once() {
+        let cluster = MockCluster::new(1).expect("mock cluster");
+        let kafka = KafkaSettings {
+            brokers: cluster.bootstrap_servers(),
+            properties: Default::default(),
+        };
+        let sink = Arc::new(Sink::new(&kafka, Duration::from_secs(2)).expect("sink"));
+        let before = sink.producer();
+        // librdkafka's own hook for raising a fatal error on an idempotent producer.
+        let code = unsafe {
+            rdkafka::bindings::rd_kafka_test_fatal_error(
+                before.client().native_ptr(),
+                rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_OUT_OF_ORDER_SEQUENCE_NUMBER,
+                c"injected by the test".as_ptr(),
+            )
+        };
+        assert_eq!(
+            code,
+            rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR
+        );
+        let mut out = sink.outgoing("s".into(), "t".into());
+        let refused = out
+            .send(0, &Event::sample(1, "a"))
+            .expect_err("a fatal producer takes no record");
+        assert_eq!(refused.blame(), Blame::Transport, "{refused:?}");
+        assert!(out.acks().await.is_empty(), "nothing was handed over");
+        let after = sink.producer();
+        assert_ne!(
+            before.client().native_ptr(),
+            after.client().native_ptr(),
+            "the fatal producer is still in use"
+        );
+        assert!(after.client().fatal_error().is_none());
     }
 }

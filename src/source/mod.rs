@@ -252,7 +252,7 @@ impl Ports for Source {
         });
         async move {
             task.await
-                .unwrap_or_else(|e| Err(DbError::other("claim", format!("claim task failed: {e}"))))
+                .unwrap_or_else(|e| Err(DbError::other("claim task", e.to_string())))
         }
         .boxed()
     }

@@ -50,7 +50,7 @@ pub fn verdict(e: &Event, f: &Failure, retry: &RetrySettings) -> Verdict {
             hold: retry.after_dead_letter == AfterDeadLetter::Block,
         },
         Blame::Retry => {
-            let attempts = e.retry_count + 1;
+            let attempts = e.retry_count.saturating_add(1);
             if attempts > e.max_retries {
                 Verdict::DeadLetter {
                     error: format!(
