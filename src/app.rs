@@ -19,7 +19,7 @@ use crate::health::SourceHealth;
 use crate::http::{router, HttpState, SourceView};
 use crate::metrics::Metrics;
 use crate::sink;
-use crate::source::Source;
+use crate::source::{Coordinator, Source};
 
 /// Pause before a panicked source task starts again.
 const RESTART_DELAY: Duration = Duration::from_secs(1);
@@ -78,32 +78,34 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> Result<Ru
             .context("create the Kafka producer")?,
     );
 
-    // One pool per database. Each source uses at most one pooled connection at a time,
-    // so two per source plus two for health checks means no source waits for another.
-    let mut per_db: HashMap<String, usize> = HashMap::new();
-    for s in &settings.sources {
-        *per_db.entry(s.database_url.identity()).or_default() += 1;
-    }
-    let mut pools: HashMap<String, Pool> = HashMap::new();
+    // Per database: one coordination connection (the locks of every source this relay
+    // leads there, and their wake-ups) and one pool of `pool_size` for claims, settles
+    // and stats, shared by its sources. The pool hands out connections first come,
+    // first served, so a busy source keeps a quiet one waiting for about one claim.
+    let mut per_db: HashMap<String, (Pool, Arc<Coordinator>)> = HashMap::new();
     let mut sources = Vec::new();
     for s in &settings.sources {
         let id = s.database_url.identity();
-        let pool = match pools.get(&id) {
-            Some(p) => p.clone(),
+        let (pool, coordinator) = match per_db.get(&id) {
+            Some(both) => both.clone(),
             None => {
-                let size = per_db[&id] * 2 + 2;
                 let p = s
                     .database_url
-                    .pool(size, settings.operation_timeout)
+                    .pool(settings.pool_size, settings.operation_timeout)
                     .map_err(anyhow::Error::msg)
                     .with_context(|| format!("source {}", s.name))?;
-                pools.insert(id, p.clone());
-                p
+                let c = Arc::new(Coordinator::new(
+                    s.database_url.clone(),
+                    settings.operation_timeout,
+                ));
+                per_db.insert(id, (p.clone(), c.clone()));
+                (p, c)
             }
         };
         sources.push(Arc::new(Source::new(
             s.clone(),
             pool,
+            coordinator,
             settings.clone(),
             sink.clone(),
             metrics.clone(),

@@ -47,6 +47,10 @@ pub struct Settings {
     /// rows out stay within `in_flight_batches * batch_size`. 1 sends a batch only after
     /// the previous one's outcome is known.
     pub in_flight_batches: usize,
+    /// Connections per database for claims, settles and stats, shared by its sources
+    /// (`OUTBOX_POOL_SIZE`). Besides them the relay keeps one coordination connection
+    /// per database, so a replica holds at most `databases * (1 + pool_size)`.
+    pub pool_size: usize,
     /// How long an idle source waits before polling again, unless woken by a new row
     /// (`OUTBOX_PROCESS_INTERVAL`; a bare number is seconds).
     #[serde(with = "humantime_serde_compat")]

@@ -15,6 +15,7 @@ impl Settings {
         let batch_size = t.int("batch_size", 10, 1, 100_000);
         let delete_batch_size = t.int("delete_batch_size", 50, 1, 100_000);
         let in_flight_batches = t.int("in_flight_batches", 4, 1, 64);
+        let pool_size = t.int("pool_size", 4, 1, 1_000);
         let process_interval = t.duration("process_interval", Duration::from_secs(5));
         let max_retries = t.int("max_retries", 3, 0, 1_000) as i32;
         let dead_letter_size = t.int("dead_letter_size", 1000, 0, i64::MAX as u64) as i64;
@@ -215,6 +216,7 @@ impl Settings {
             batch_size: batch_size as usize,
             delete_batch_size: delete_batch_size as usize,
             in_flight_batches: in_flight_batches as usize,
+            pool_size: pool_size as usize,
             process_interval,
             max_retries,
             dead_letter_size,

@@ -12,7 +12,7 @@
 //! The way of one event: `store.rs` claims it, `pipeline.rs` hands it to the sink
 //! (`crate::sink`) and files what Kafka said, `holds.rs` keeps its aggregate's later
 //! events back if it failed, `settle.rs` decides retry or dead letter and deletes,
-//! `leadership.rs` holds the lock, `outage.rs` logs what is down, `stats.rs` refreshes
+//! `leadership.rs` holds the lock (one coordination connection per database), `outage.rs` logs what is down, `stats.rs` refreshes
 //! the gauges.
 
 mod holds;
@@ -39,7 +39,8 @@ use crate::health::SourceHealth;
 use crate::metrics::Metrics;
 use crate::sink::{Outgoing, Sink};
 
-use leadership::{show_leader, try_lock, TAKEOVER_POLL};
+pub use leadership::Coordinator;
+use leadership::{show_leader, TAKEOVER_POLL};
 use outage::{Outage, Problem};
 pub use pipeline::Ended;
 use pipeline::{lead, Landed, Limits, Observers, Pipeline, Ports, SettleOutcome};
@@ -64,6 +65,8 @@ pub struct Source {
     pub settings: SourceSettings,
     /// The pool of its database (shared with sources of the same database).
     pub pool: Pool,
+    /// The coordination connection of its database (shared likewise).
+    pub coordinator: Arc<Coordinator>,
     /// Its SQL.
     pub store: Arc<Store>,
     /// Its visible state.
@@ -86,6 +89,7 @@ impl Source {
     pub fn new(
         settings: SourceSettings,
         pool: Pool,
+        coordinator: Arc<Coordinator>,
         relay: Arc<Settings>,
         sink: Arc<Sink>,
         metrics: Arc<Metrics>,
@@ -96,6 +100,7 @@ impl Source {
             topic: settings.topic.as_str().into(),
             settings,
             pool,
+            coordinator,
             health: Arc::new(SourceHealth::new()),
             relay,
             sink,
@@ -130,9 +135,8 @@ impl Source {
                 }
                 continue;
             }
-            let timeout = self.relay.operation_timeout;
             let lock = tokio::select! {
-                r = try_lock(&self.settings.database_url, &self.settings.schema, timeout) => r,
+                r = self.coordinator.try_lead(&self.settings.schema) => r,
                 _ = cancel.cancelled() => return,
             };
             match lock {

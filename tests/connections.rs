@@ -1,0 +1,122 @@
+//! What the relay costs the services' PostgreSQL: connections bounded by databases, not
+//! by sources; followers that ask for locks over the connection they already hold; one
+//! coordination connection per database holding every lock this relay leads there.
+
+mod common;
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use common::{audit, connect, eventually, Scenario, TestRelay, DEADLINE};
+
+/// Sources led by `r`.
+fn led(r: &TestRelay, names: &[String]) -> usize {
+    names
+        .iter()
+        .filter(|n| r.running().state(n).unwrap().leader.load(Ordering::Relaxed))
+        .count()
+}
+
+async fn count(client: &tokio_postgres::Client, sql: &str) -> i64 {
+    client.query_one(sql, &[]).await.expect(sql).get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn twelve_sources_two_replicas_hold_connections_per_database_and_followers_open_no_sessions()
+{
+    let mut b = Scenario::builder().set("pool_size", 2).partitions(1);
+    for i in 0..12 {
+        b = b.source(&format!("cost{i}"));
+    }
+    let sc = b.migrated().await;
+    let names: Vec<String> = sc.sources.iter().map(|s| s.name.clone()).collect();
+    let observer = connect(&sc.pg.url("postgres")).await;
+    let mut a = sc.start_relay().await;
+    let mut b = sc.start_relay().await;
+    eventually("every source led, once", DEADLINE, async || {
+        led(&a, &names) + led(&b, &names) == names.len()
+    })
+    .await;
+    for src in &sc.sources {
+        sc.insert_events(src, 20, 3, 0);
+    }
+    for src in &sc.sources {
+        let got = sc.consume(&src.topic, 20).await;
+        assert_eq!(audit(&got), (20, 0, 0), "{}", src.name);
+        sc.wait_outbox_empty(src).await;
+    }
+    // Two replicas, one database: each at most one coordination connection + pool_size.
+    let relay_connections = count(
+        &observer,
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'outbox-relay'",
+    )
+    .await;
+    assert!(
+        (2..=2 * (1 + 2)).contains(&relay_connections),
+        "{relay_connections} relay connections for 12 sources"
+    );
+    // Every lock a replica holds is on its one coordination connection.
+    let lock_holders = count(
+        &observer,
+        "SELECT count(DISTINCT pid) FROM pg_locks WHERE locktype = 'advisory' AND granted",
+    )
+    .await;
+    assert!(
+        lock_holders <= 2,
+        "{lock_holders} sessions hold the sources' locks"
+    );
+    // While idle, with a follower asking for every lock it lacks each second, no
+    // session is opened (pg_stat_database.sessions counts client sessions only).
+    let sessions = "SELECT sessions FROM pg_stat_database WHERE datname = current_database()";
+    let before = count(&observer, sessions).await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let after = count(&observer, sessions).await;
+    assert_eq!(after - before, 0, "sessions opened while idle");
+    assert_eq!(led(&a, &names) + led(&b, &names), names.len());
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lost_coordination_connection_ends_every_lead_over_it_and_they_are_taken_again() {
+    let (sc, mut relay) = Scenario::builder()
+        .source("coord_a")
+        .source("coord_b")
+        .source("coord_c")
+        .start()
+        .await;
+    let names: Vec<String> = sc.sources.iter().map(|s| s.name.clone()).collect();
+    let observer = connect(&sc.pg.url("postgres")).await;
+    eventually("all three led", DEADLINE, async || led(&relay, &names) == 3).await;
+    let holders =
+        "SELECT array_agg(DISTINCT pid) FROM pg_locks WHERE locktype = 'advisory' AND granted";
+    let first: Vec<i32> = observer.query_one(holders, &[]).await.unwrap().get(0);
+    assert_eq!(
+        first.len(),
+        1,
+        "one connection holds all three locks: {first:?}"
+    );
+    let killed: bool = observer
+        .query_one("SELECT pg_terminate_backend($1)", &[&first[0]])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(killed);
+    eventually(
+        "the three taken again on a new connection",
+        DEADLINE,
+        async || {
+            let now: Option<Vec<i32>> = observer.query_one(holders, &[]).await.unwrap().get(0);
+            led(&relay, &names) == 3 && now.is_some_and(|p| p.len() == 1 && p[0] != first[0])
+        },
+    )
+    .await;
+    for src in &sc.sources {
+        sc.insert_events(src, 10, 2, 0);
+    }
+    for src in &sc.sources {
+        let got = sc.consume(&src.topic, 10).await;
+        assert_eq!(audit(&got), (10, 0, 0), "{}", src.name);
+    }
+    relay.stop().await;
+}
