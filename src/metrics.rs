@@ -38,6 +38,8 @@ pub struct Metrics {
     pub source_leader: IntGaugeVec,
     /// Failed PostgreSQL operations of the relay loop.
     pub poll_errors: IntCounterVec,
+    /// Failed refreshes of a source's pending, lag and dead-letter figures.
+    pub stats_errors: IntCounterVec,
     /// Source task restarts after a panic.
     pub task_restarts: IntCounterVec,
     /// 1 while Kafka is unreachable for the source.
@@ -152,6 +154,11 @@ impl Metrics {
             "Failed PostgreSQL operations of the relay loop.",
             &["source"],
         );
+        let stats_errors = counter(
+            "outbox_stats_refresh_errors_total",
+            "Failed refreshes of the source's pending, lag and dead-letter figures (the gauges keep their last values).",
+            &["source"],
+        );
         let task_restarts = counter(
             "outbox_source_task_restarts_total",
             "Source task restarts after a panic.",
@@ -207,6 +214,7 @@ impl Metrics {
             source_up.with_label_values(&[s]);
             source_leader.with_label_values(&[s]);
             poll_errors.with_label_values(&[s]);
+            stats_errors.with_label_values(&[s]);
             task_restarts.with_label_values(&[s]);
             kafka_outage.with_label_values(&[s]);
         }
@@ -225,6 +233,7 @@ impl Metrics {
             source_up,
             source_leader,
             poll_errors,
+            stats_errors,
             task_restarts,
             kafka_outage,
             build_info,

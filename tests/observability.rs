@@ -6,7 +6,7 @@ mod common;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use common::{Metrics, Scenario, DEADLINE};
+use common::{Metrics, Scenario, TestRelay, DEADLINE};
 use outbox_relay::sink::Reason;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -168,5 +168,50 @@ async fn a_stalled_task_turns_liveness_503() {
     assert!(body.contains("stuck"), "{body}");
     hooks.stall.store(false, Ordering::Relaxed);
     relay.until("/health", DEADLINE, |c, _| c == 200).await;
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_source_whose_tables_are_gone_keeps_the_others_figures_fresh_and_counts_its_errors() {
+    let (sc, mut relay) = Scenario::builder()
+        .source("figures")
+        .source("gone")
+        .set("health.refresh_interval", "200ms")
+        .start()
+        .await;
+    let (kept, gone) = (&sc.sources[0], &sc.sources[1]);
+    relay.stop().await;
+    sc.pg.psql(
+        "postgres",
+        &format!(
+            "DROP TABLE {s}.outbox, {s}.outbox_dead_letter",
+            s = gone.schema
+        ),
+    );
+    sc.insert_events(kept, 7, 2, 0);
+    // A relay that is disabled publishes nothing, so the kept source's rows stay and
+    // its gauge must show them, whatever its neighbour's state.
+    let relay = TestRelay::start(sc.config.clone().set("enabled", false).settings()).await;
+    let (_, text) = relay
+        .until("/metrics", DEADLINE, |_, b| {
+            let m = Metrics::parse(b);
+            m.value("outbox_events_pending", &[("source", &kept.name)]) == Some(7.0)
+                && m.value(
+                    "outbox_stats_refresh_errors_total",
+                    &[("source", &gone.name)],
+                )
+                .is_some_and(|n| n >= 2.0)
+        })
+        .await;
+    let m = Metrics::parse(&text);
+    assert_eq!(
+        m.value(
+            "outbox_stats_refresh_errors_total",
+            &[("source", &kept.name)]
+        ),
+        Some(0.0),
+        "the healthy source's refresh never failed"
+    );
+    let mut relay = relay;
     relay.stop().await;
 }

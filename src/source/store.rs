@@ -185,7 +185,7 @@ impl Store {
                  FROM moved"
             ),
             stats: format!(
-                "SELECT (SELECT count(*) FROM {s}.outbox), \
+                "(SELECT count(*) FROM {s}.outbox), \
                  COALESCE((SELECT EXTRACT(EPOCH FROM now() - created_at)::float8 \
                      FROM {s}.outbox ORDER BY id LIMIT 1), 0), \
                  (SELECT count(*) FROM {s}.outbox_dead_letter)"
@@ -327,12 +327,34 @@ impl Store {
     /// Counts for metrics and health.
     pub async fn stats<C: GenericClient>(&self, client: &C) -> Result<Stats, DbError> {
         let pg = |e: tokio_postgres::Error| DbError::pg("stats", &e);
-        let stmt = client.prepare_cached(&self.stats).await.map_err(pg)?;
+        let stmt = client
+            .prepare_cached(&format!("SELECT 0::int4, {}", self.stats))
+            .await
+            .map_err(pg)?;
         let row = client.query_one(&stmt, &[]).await.map_err(pg)?;
+        Stats::of(&row)
+    }
+
+    /// One statement for the counts of every store in `stores`, one row each, tagged
+    /// with its index.
+    pub fn stats_of_all(stores: &[&Store]) -> String {
+        stores
+            .iter()
+            .enumerate()
+            .map(|(i, s)| format!("SELECT {i}::int4, {}", s.stats))
+            .collect::<Vec<_>>()
+            .join(" UNION ALL ")
+    }
+}
+
+impl Stats {
+    /// A row of [`Store::stats_of_all`]: (index, pending, oldest age, dead-letter rows).
+    pub fn of(row: &Row) -> Result<Stats, DbError> {
+        let pg = |e: tokio_postgres::Error| DbError::pg("stats", &e);
         Ok(Stats {
-            pending: row.try_get(0).map_err(pg)?,
-            oldest_age_secs: row.try_get(1).map_err(pg)?,
-            dead_letter_rows: row.try_get(2).map_err(pg)?,
+            pending: row.try_get(1).map_err(pg)?,
+            oldest_age_secs: row.try_get(2).map_err(pg)?,
+            dead_letter_rows: row.try_get(3).map_err(pg)?,
         })
     }
 }
@@ -362,7 +384,22 @@ fn decode(r: &Row) -> Result<Event, DbError> {
 
 #[cfg(test)]
 mod tests {
-    use super::{Complement, GAP_FORM_FROM};
+    use super::{Complement, Store, GAP_FORM_FROM};
+
+    #[test]
+    fn the_figures_of_a_databases_sources_are_one_statement() {
+        let (a, b, c) = (Store::new("a"), Store::new("b"), Store::new("c"));
+        let sql = Store::stats_of_all(&[&a, &b, &c]);
+        assert_eq!(sql.matches(" UNION ALL ").count(), 2, "{sql}");
+        for (i, s) in ["\"a\"", "\"b\"", "\"c\""].iter().enumerate() {
+            assert!(
+                sql.contains(&format!(
+                    "SELECT {i}::int4, (SELECT count(*) FROM {s}.outbox)"
+                )),
+                "{sql}"
+            );
+        }
+    }
 
     /// `n` held ids from `first`, skipping the ids in `skip`.
     fn held(first: i64, n: usize, skip: &[i64]) -> Vec<i64> {
