@@ -38,6 +38,8 @@ pub struct Metrics {
     pub source_leader: IntGaugeVec,
     /// Failed PostgreSQL operations of the relay loop.
     pub poll_errors: IntCounterVec,
+    /// Sources this replica handed over to another one, to share the work.
+    pub handovers: IntCounterVec,
     /// Failed refreshes of a source's pending, lag and dead-letter figures.
     pub stats_errors: IntCounterVec,
     /// Source task restarts after a panic.
@@ -154,6 +156,11 @@ impl Metrics {
             "Failed PostgreSQL operations of the relay loop.",
             &["source"],
         );
+        let handovers = counter(
+            "outbox_handovers_total",
+            "Times this replica handed the source over to another replica (to share the sources), after its batches in flight settled.",
+            &["source"],
+        );
         let stats_errors = counter(
             "outbox_stats_refresh_errors_total",
             "Failed refreshes of the source's pending, lag and dead-letter figures (the gauges keep their last values).",
@@ -215,6 +222,7 @@ impl Metrics {
             source_leader.with_label_values(&[s]);
             poll_errors.with_label_values(&[s]);
             stats_errors.with_label_values(&[s]);
+            handovers.with_label_values(&[s]);
             task_restarts.with_label_values(&[s]);
             kafka_outage.with_label_values(&[s]);
         }
@@ -234,6 +242,7 @@ impl Metrics {
             source_leader,
             poll_errors,
             stats_errors,
+            handovers,
             task_restarts,
             kafka_outage,
             build_info,

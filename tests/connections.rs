@@ -120,3 +120,82 @@ async fn a_lost_coordination_connection_ends_every_lead_over_it_and_they_are_tak
     }
     relay.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replicas_share_the_sources_hand_them_over_and_lose_no_event_doing_it() {
+    let mut b = Scenario::builder();
+    for i in 0..10 {
+        b = b.source(&format!("share{i}"));
+    }
+    let sc = b.migrated().await;
+    let names: Vec<String> = sc.sources.iter().map(|s| s.name.clone()).collect();
+    let mut written = 0;
+    let mut write = |round: usize| {
+        for src in &sc.sources {
+            sc.insert_events(src, 12, 3, round * 4);
+        }
+        written += 12;
+    };
+    let mut a = sc.start_relay().await;
+    let b = sc.start_relay().await;
+    write(0);
+    eventually("two replicas split 10 sources 5/5", DEADLINE, async || {
+        (led(&a, &names), led(&b, &names)) == (5, 5)
+    })
+    .await;
+    write(1);
+    // One leaves: the other takes everything.
+    a.stop().await;
+    write(2);
+    eventually(
+        "the survivor leads all 10 within 10s",
+        Duration::from_secs(10),
+        async || led(&b, &names) == 10,
+    )
+    .await;
+    // It comes back: it gets its share by handover within 30s.
+    let handovers = |r: &TestRelay| -> u64 {
+        names
+            .iter()
+            .map(|n| r.running().metrics.handovers.with_label_values(&[n]).get())
+            .sum()
+    };
+    let handed_before = handovers(&b);
+    let a = sc.start_relay().await;
+    write(3);
+    eventually(
+        "the returning replica gets its share",
+        Duration::from_secs(30),
+        async || led(&a, &names) == 5 && led(&b, &names) == 5,
+    )
+    .await;
+    assert_eq!(
+        handovers(&b) - handed_before,
+        5,
+        "five sources handed over to the returning replica"
+    );
+    // A third: shares of ceil(10 / 3) = 4 at most.
+    let c = sc.start_relay().await;
+    write(4);
+    eventually(
+        "three replicas, at most 4 each, all led",
+        DEADLINE,
+        async || {
+            let (x, y, z) = (led(&a, &names), led(&b, &names), led(&c, &names));
+            x <= 4 && y <= 4 && z <= 4 && x + y + z == 10 && z >= 2
+        },
+    )
+    .await;
+    write(5);
+    for src in &sc.sources {
+        let got = sc.consume(&src.topic, written).await;
+        let (distinct, _dups, disorder) = audit(&got);
+        assert_eq!(distinct, written, "{}: nothing lost", src.name);
+        assert_eq!(disorder, 0, "{}: per-aggregate order kept", src.name);
+        sc.wait_outbox_empty(src).await;
+    }
+    let mut all = [a, b, c];
+    for r in &mut all {
+        r.stop().await;
+    }
+}

@@ -267,6 +267,9 @@ pub enum Notice {
     Notify(String),
     /// The connection ended, with why.
     Closed(String),
+    /// The source is asked to hand its lock over: another replica joined, and this one
+    /// leads more than its share.
+    HandOver,
 }
 
 impl fmt::Display for DatabaseUrl {

@@ -4,6 +4,13 @@
 //! there, LISTENs once and hands each wake-up to the source it names, and is where a
 //! follower asks for a lock it does not hold, so following costs no new session.
 //!
+//! Replicas share the sources. Each holds a membership lock (its own key of a second
+//! advisory-lock class) on its coordination connection, so PostgreSQL itself knows who
+//! is alive; with R members a replica takes at most ceil(N / R) of a database's N
+//! sources, and one that leads more than that (a replica joined) asks the excess to
+//! hand over: they stop claiming, let what is out land and settle, then unlock, and
+//! the newcomer's followers take them.
+//!
 //! The locks live exactly as long as that connection: a relay that dies or is cut off
 //! releases them as soon as PostgreSQL notices (the connection asks the server for TCP
 //! keepalives). A connection that stops answering is given up within
@@ -11,6 +18,7 @@
 //! can have taken their locks over.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -25,14 +33,22 @@ use crate::migrate::LOCK_CLASS;
 
 /// How often a follower asks for a source's lock.
 pub const TAKEOVER_POLL: Duration = Duration::from_secs(1);
-/// How often an idle coordination connection is asked whether it still answers.
-const PING_EVERY: Duration = Duration::from_secs(5);
+/// How often the members are counted, which also proves the connection still answers.
+const MEMBERSHIP_POLL: Duration = Duration::from_secs(1);
+/// The advisory-lock class of the replicas' membership locks (key: a slot number).
+const MEMBER_CLASS: i32 = LOCK_CLASS + 1;
+/// Live members of this database: the membership locks granted.
+const COUNT_MEMBERS: &str = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' \
+     AND granted AND objsubid = 2 AND classid = $1::int4::oid \
+     AND database = (SELECT oid FROM pg_database WHERE datname = current_database())";
 
 /// The coordination connection of one database, opened when a source first needs it
 /// and again after it was lost.
 pub struct Coordinator {
     url: DatabaseUrl,
     timeout: Duration,
+    /// The sources of this database in the configuration.
+    sources: usize,
     session: tokio::sync::Mutex<Option<Arc<Session>>>,
 }
 
@@ -44,6 +60,12 @@ struct Session {
     /// The schemas whose lock this session holds (advisory locks nest in a session: a
     /// second `pg_try_advisory_lock` would need a second unlock).
     held: Mutex<HashSet<String>>,
+    /// Leads being handed over, not to be asked twice.
+    releasing: Mutex<HashSet<String>>,
+    /// Replicas alive at the last count (at least this one).
+    members: AtomicUsize,
+    /// The sources of this database in the configuration.
+    sources: usize,
     /// Cancelled when the connection ended or stopped answering.
     closed: CancellationToken,
 }
@@ -59,10 +81,12 @@ pub struct Leadership {
 
 impl Coordinator {
     /// The coordinator of the database behind `url`; connects on first use.
-    pub fn new(url: DatabaseUrl, timeout: Duration) -> Coordinator {
+    /// `sources`: how many sources of the configuration are in this database.
+    pub fn new(url: DatabaseUrl, timeout: Duration, sources: usize) -> Coordinator {
         Coordinator {
             url,
             timeout,
+            sources,
             session: tokio::sync::Mutex::new(None),
         }
     }
@@ -72,6 +96,10 @@ impl Coordinator {
     pub async fn try_lead(&self, schema: &str) -> Result<Option<Leadership>, DbError> {
         let session = self.session().await?;
         if !session.held_now(schema) {
+            if lock(&session.held).len() >= session.share() {
+                // This replica leads its share; the rest is for the others.
+                return Ok(None);
+            }
             let key = lock_key(schema);
             let got: bool = tokio::time::timeout(
                 self.timeout,
@@ -109,26 +137,61 @@ impl Coordinator {
             return Ok(s.clone());
         }
         *current = None;
-        let s = Session::open(&self.url, self.timeout).await?;
+        let s = Session::open(&self.url, self.timeout, self.sources).await?;
         *current = Some(s.clone());
         Ok(s)
     }
 }
 
 impl Session {
-    /// Connects, LISTENs, and starts the tasks that hand out wake-ups and ping.
-    async fn open(url: &DatabaseUrl, timeout: Duration) -> Result<Arc<Session>, DbError> {
+    /// Connects, LISTENs, takes a membership slot, counts the members, and starts the
+    /// tasks that hand out wake-ups and keep the count.
+    async fn open(
+        url: &DatabaseUrl,
+        timeout: Duration,
+        sources: usize,
+    ) -> Result<Arc<Session>, DbError> {
         let (client, mut messages) = url.connect(timeout).await?;
-        tokio::time::timeout(timeout, client.batch_execute("LISTEN outbox_relay"))
-            .await
-            .map_err(|_| DbError::timed_out("listen", timeout))?
-            .map_err(|e| DbError::pg("listen", &e))?;
+        bounded(
+            "listen",
+            timeout,
+            client.batch_execute("LISTEN outbox_relay"),
+        )
+        .await?;
+        let mut slot = 0i32;
+        loop {
+            let row = bounded(
+                "membership lock",
+                timeout,
+                client.query_one(
+                    "SELECT pg_try_advisory_lock($1, $2)",
+                    &[&MEMBER_CLASS, &slot],
+                ),
+            )
+            .await?;
+            if row
+                .try_get::<_, bool>(0)
+                .map_err(|e| DbError::pg("membership lock", &e))?
+            {
+                break;
+            }
+            slot += 1;
+        }
         let session = Arc::new(Session {
             client,
             subscribers: Mutex::default(),
             held: Mutex::default(),
+            releasing: Mutex::default(),
+            members: AtomicUsize::new(1),
+            sources,
             closed: CancellationToken::new(),
         });
+        session.count_members(timeout).await?;
+        debug!(
+            slot,
+            members = session.members(),
+            "joined as a relay replica"
+        );
         let s = Arc::downgrade(&session);
         let closed = session.closed.clone();
         tokio::spawn(async move {
@@ -143,6 +206,7 @@ impl Session {
                                 let _ = tx.send(Notice::Notify(schema));
                             }
                         }
+                        Some(Notice::HandOver) => {}
                         Some(Notice::Closed(why)) => break why,
                         None => break "connection closed".to_string(),
                     },
@@ -155,7 +219,11 @@ impl Session {
         });
         let s = Arc::downgrade(&session);
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(PING_EVERY.min(timeout));
+            // The count answers within the rest of operation_timeout, so a connection
+            // that stops answering is given up within operation_timeout of its last
+            // answer: its sources stop claiming before the server can free their locks.
+            let deadline = timeout.saturating_sub(MEMBERSHIP_POLL).max(MEMBERSHIP_POLL);
+            let mut tick = tokio::time::interval(MEMBERSHIP_POLL);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             tick.tick().await;
             loop {
@@ -164,20 +232,61 @@ impl Session {
                 if s.closed.is_cancelled() {
                     return;
                 }
-                let answered = tokio::time::timeout(timeout, s.client.simple_query(""))
-                    .await
-                    .is_ok_and(|r| r.is_ok());
-                if !answered {
-                    warn!(
-                        timeout_s = timeout.as_secs_f64(),
-                        "coordination connection does not answer: giving up its sources"
-                    );
+                if let Err(e) = s.count_members(deadline).await {
+                    warn!(error = %e, "coordination connection does not answer: giving up its sources");
                     s.lost("coordination connection unresponsive");
                     return;
                 }
+                s.rebalance();
             }
         });
         Ok(session)
+    }
+
+    /// Counts the live replicas.
+    async fn count_members(&self, deadline: Duration) -> Result<(), DbError> {
+        let n: i64 = tokio::time::timeout(
+            deadline,
+            self.client.query_one(COUNT_MEMBERS, &[&MEMBER_CLASS]),
+        )
+        .await
+        .map_err(|_| DbError::timed_out("count members", deadline))?
+        .map_err(|e| DbError::pg("count members", &e))?
+        .try_get(0)
+        .map_err(|e| DbError::pg("count members", &e))?;
+        self.members.store((n as usize).max(1), Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn members(&self) -> usize {
+        self.members.load(Ordering::Relaxed)
+    }
+
+    /// How many of the database's sources this replica may lead: ceil(N / R).
+    fn share(&self) -> usize {
+        self.sources.div_ceil(self.members())
+    }
+
+    /// Leading more than the share (a replica joined): asks the excess to hand over.
+    fn rebalance(&self) {
+        let share = self.share();
+        let held = lock(&self.held);
+        let mut releasing = lock(&self.releasing);
+        let keeping = held.len().saturating_sub(releasing.len());
+        if keeping <= share {
+            return;
+        }
+        let subscribers = lock(&self.subscribers);
+        let mut candidates: Vec<&String> =
+            held.iter().filter(|s| !releasing.contains(*s)).collect();
+        candidates.sort_unstable();
+        for schema in candidates.into_iter().rev().take(keeping - share) {
+            if let Some(tx) = subscribers.get(schema) {
+                if tx.send(Notice::HandOver).is_ok() {
+                    releasing.insert(schema.clone());
+                }
+            }
+        }
     }
 
     fn held_now(&self, schema: &str) -> bool {
@@ -188,6 +297,7 @@ impl Session {
     fn lost(&self, why: &str) {
         self.closed.cancel();
         lock(&self.held).clear();
+        lock(&self.releasing).clear();
         for (_, tx) in lock(&self.subscribers).drain() {
             let _ = tx.send(Notice::Closed(why.to_string()));
         }
@@ -198,6 +308,7 @@ impl Session {
 impl Drop for Leadership {
     fn drop(&mut self) {
         lock(&self.session.subscribers).remove(&self.schema);
+        lock(&self.session.releasing).remove(&self.schema);
         if !lock(&self.session.held).remove(&self.schema) || self.session.closed.is_cancelled() {
             return;
         }
@@ -219,6 +330,18 @@ impl Drop for Leadership {
     }
 }
 
+/// `f`, within `timeout`, its errors typed.
+async fn bounded<T>(
+    what: &'static str,
+    timeout: Duration,
+    f: impl std::future::Future<Output = Result<T, tokio_postgres::Error>>,
+) -> Result<T, DbError> {
+    tokio::time::timeout(timeout, f)
+        .await
+        .map_err(|_| DbError::timed_out(what, timeout))?
+        .map_err(|e| DbError::pg(what, &e))
+}
+
 fn lock_key(schema: &str) -> String {
     format!("relay:{schema}")
 }
@@ -229,9 +352,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// Shows whether this replica leads the source, in its health and its metric.
 pub fn show_leader(health: &SourceHealth, metrics: &Metrics, name: &str, on: bool) {
-    health
-        .leader
-        .store(on, std::sync::atomic::Ordering::Relaxed);
+    health.leader.store(on, Ordering::Relaxed);
     metrics
         .source_leader
         .with_label_values(&[name])

@@ -154,6 +154,16 @@ impl Source {
                             info!(source = self.name(), "released the source");
                             return;
                         }
+                        Ended::HandedOver => {
+                            self.metrics
+                                .handovers
+                                .with_label_values(&[self.name()])
+                                .inc();
+                            info!(
+                                source = self.name(),
+                                "handed the source over: another replica takes its share"
+                            );
+                        }
                         Ended::LostLock(why) => {
                             warn!(source = self.name(), error = %why, "lost the source's lock; trying to take it again");
                             self.health.set_error(format!("lost lock: {why}"));

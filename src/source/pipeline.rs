@@ -512,6 +512,9 @@ impl<'a, P: Ports> Pipeline<'a, P> {
     fn on_notice(&mut self, n: Option<Notice>) {
         match n {
             Some(Notice::Notify(s)) => self.want_claim |= s == self.obs.schema,
+            Some(Notice::HandOver) => {
+                self.gate.ending.get_or_insert(Ended::HandedOver);
+            }
             Some(Notice::Closed(why)) => {
                 self.listening = false;
                 self.gate.ending.get_or_insert(Ended::LostLock(why));

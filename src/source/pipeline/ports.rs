@@ -48,6 +48,8 @@ pub enum Ended {
     Cancelled,
     /// The lock's connection closed, with why.
     LostLock(String),
+    /// Asked to hand the source over (a replica joined): what was out has settled.
+    HandedOver,
 }
 
 /// A batch whose every record was acknowledged or failed, for the settle.
