@@ -130,6 +130,7 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> Result<Ru
                 name: s.settings.name.clone(),
                 pool: s.pool.clone(),
                 health: s.health.clone(),
+                coordinator: s.coordinator.clone(),
             })
             .collect(),
         sink: sink.clone(),

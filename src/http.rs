@@ -16,6 +16,7 @@ use crate::config::Settings;
 use crate::health::SourceHealth;
 use crate::metrics::Metrics;
 use crate::sink::Sink;
+use crate::source::Coordinator;
 
 /// How long a `/health/deep` answer is reused: probes arriving together share one check.
 const DEEP_CACHE: Duration = Duration::from_secs(2);
@@ -42,6 +43,18 @@ pub struct SourceView {
     pub pool: Pool,
     /// Its visible state.
     pub health: Arc<SourceHealth>,
+    /// Its database's coordination connection, for the replica count.
+    pub coordinator: Arc<Coordinator>,
+}
+
+/// What the relay holds of a source's database: the pool's connections, and how many
+/// replicas share the database's sources.
+fn connections(s: &SourceView) -> serde_json::Value {
+    let p = s.pool.status();
+    json!({
+        "pool": {"max": p.max_size, "open": p.size, "idle": p.available, "waiting": p.waiting},
+        "replicas": s.coordinator.members(),
+    })
 }
 
 /// The router; tests drive it with `tower::ServiceExt::oneshot`.
@@ -136,7 +149,7 @@ async fn deep_check(st: &HttpState) -> (StatusCode, serde_json::Value) {
             status: if r.is_ok() { "ok" } else { "down" },
             latency_ms: started.elapsed().as_secs_f64() * 1000.0,
             message: r.err().unwrap_or_else(|| "reachable".into()),
-            details: None,
+            details: Some(connections(s)),
         }
     });
     let sink = st.sink.clone();
@@ -281,6 +294,11 @@ mod tests {
                 name: s.name.clone(),
                 pool,
                 health: Arc::new(SourceHealth::new()),
+                coordinator: Arc::new(Coordinator::new(
+                    s.database_url.clone(),
+                    settings.operation_timeout,
+                    1,
+                )),
             }],
             sink,
             deep_cache: tokio::sync::Mutex::new(None),
@@ -333,6 +351,11 @@ mod tests {
             .find(|c| c["component"] == "database:orders")
             .expect("a database check");
         assert_eq!(db["status"], "down", "{body}");
+        assert_eq!(db["details"]["pool"]["max"], 2, "{body}");
+        assert!(
+            db["details"]["replicas"].is_null(),
+            "no coordination connection: {body}"
+        );
         assert!(
             checks.iter().any(|c| c["component"] == "lag:orders"),
             "{body}"

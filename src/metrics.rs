@@ -38,6 +38,10 @@ pub struct Metrics {
     pub source_leader: IntGaugeVec,
     /// Failed PostgreSQL operations of the relay loop.
     pub poll_errors: IntCounterVec,
+    /// Connections of a database's pool: `open`, `idle`, and tasks `waiting` for one.
+    pub pool_connections: IntGaugeVec,
+    /// Relay replicas alive for a database (membership locks held).
+    pub replicas: IntGaugeVec,
     /// Sources this replica handed over to another one, to share the work.
     pub handovers: IntCounterVec,
     /// Failed refreshes of a source's pending, lag and dead-letter figures.
@@ -156,6 +160,16 @@ impl Metrics {
             "Failed PostgreSQL operations of the relay loop.",
             &["source"],
         );
+        let pool_connections = gauge(
+            "outbox_pool_connections",
+            "Connections of the database's pool for claims, settles and stats: open, idle, and tasks waiting for one.",
+            &["database", "state"],
+        );
+        let replicas = gauge(
+            "outbox_replicas",
+            "Relay replicas alive for the database, as its membership locks say.",
+            &["database"],
+        );
         let handovers = counter(
             "outbox_handovers_total",
             "Times this replica handed the source over to another replica (to share the sources), after its batches in flight settled.",
@@ -243,6 +257,8 @@ impl Metrics {
             poll_errors,
             stats_errors,
             handovers,
+            pool_connections,
+            replicas,
             task_restarts,
             kafka_outage,
             build_info,

@@ -7,7 +7,7 @@ mod common;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use common::{audit, connect, eventually, Scenario, TestRelay, DEADLINE};
+use common::{audit, connect, eventually, Metrics, Scenario, TestRelay, DEADLINE};
 
 /// Sources led by `r`.
 fn led(r: &TestRelay, names: &[String]) -> usize {
@@ -72,6 +72,19 @@ async fn twelve_sources_two_replicas_hold_connections_per_database_and_followers
     tokio::time::sleep(Duration::from_secs(4)).await;
     let after = count(&observer, sessions).await;
     assert_eq!(after - before, 0, "sessions opened while idle");
+    // What a replica says it holds: its pool, and the replicas it shares with.
+    let (_, text) = a
+        .until("/metrics", DEADLINE, |_, b| {
+            Metrics::parse(b).value("outbox_replicas", &[]) == Some(2.0)
+        })
+        .await;
+    let m = Metrics::parse(&text);
+    let open = m.value("outbox_pool_connections", &[("state", "open")]);
+    assert!(open.is_some_and(|n| (1.0..=2.0).contains(&n)), "{open:?}");
+    assert_eq!(
+        m.value("outbox_pool_connections", &[("state", "waiting")]),
+        Some(0.0)
+    );
     assert_eq!(led(&a, &names) + led(&b, &names), names.len());
     a.stop().await;
     b.stop().await;

@@ -130,6 +130,15 @@ impl Coordinator {
         }))
     }
 
+    /// Replicas alive at the last count, if the coordination connection is up.
+    pub fn members(&self) -> Option<usize> {
+        let current = self.session.try_lock().ok()?;
+        current
+            .as_ref()
+            .filter(|s| !s.closed.is_cancelled())
+            .map(|s| s.members())
+    }
+
     /// The live session, connecting if there is none.
     async fn session(&self) -> Result<Arc<Session>, DbError> {
         let mut current = self.session.lock().await;

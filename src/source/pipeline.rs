@@ -516,6 +516,13 @@ impl<'a, P: Ports> Pipeline<'a, P> {
                 self.gate.ending.get_or_insert(Ended::HandedOver);
             }
             Some(Notice::Closed(why)) => {
+                // The lock may be another replica's by now: stop saying this one leads.
+                self.obs.health.leader.store(false, Ordering::Relaxed);
+                self.obs
+                    .metrics
+                    .source_leader
+                    .with_label_values(&[self.obs.name])
+                    .set(0);
                 self.listening = false;
                 self.gate.ending.get_or_insert(Ended::LostLock(why));
             }

@@ -67,6 +67,21 @@ impl Database {
         let Some(first) = self.sources.first() else {
             return;
         };
+        let db = first.settings.database_url.identity();
+        let status = first.pool.status();
+        let m = &first.metrics;
+        for (state, n) in [
+            ("open", status.size),
+            ("idle", status.available),
+            ("waiting", status.waiting),
+        ] {
+            m.pool_connections
+                .with_label_values(&[&db, state])
+                .set(n as i64);
+        }
+        if let Some(r) = first.coordinator.members() {
+            m.replicas.with_label_values(&[&db]).set(r as i64);
+        }
         let timeout = first.relay.operation_timeout;
         let all = tokio::time::timeout(timeout, async {
             let c = first
