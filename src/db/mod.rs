@@ -113,6 +113,9 @@ impl DatabaseUrl {
         config.keepalives_idle(Duration::from_secs(10));
         config.keepalives_interval(Duration::from_secs(5));
         config.keepalives_retries(3);
+        // And give up on a peer that leaves what the relay sent unacknowledged for 20 s
+        // (keepalives only probe an idle connection).
+        config.tcp_user_timeout(Duration::from_secs(20));
         let redacted = redact(url);
         Ok(DatabaseUrl {
             config,
@@ -207,12 +210,14 @@ impl DatabaseUrl {
         let what = || format!("connect to {}", self.redacted);
         let tls = self.tls().map_err(|e| DbError::other(what(), e))?;
         let mut cfg = self.config(timeout);
-        // This connection holds the source's advisory lock. Ask the server to probe it,
-        // so that if the relay's node vanishes the lock is freed in seconds, not after
-        // the kernel's two-hour default.
+        // This connection holds the sources' advisory locks. Ask the server to probe it,
+        // so that if the relay's node vanishes the locks are freed in seconds, not after
+        // the kernel's two-hour default: keepalives while it is idle, and a 20 s limit on
+        // unacknowledged data (notifications) while it is not.
         add_options(
             &mut cfg,
-            "-c tcp_keepalives_idle=10 -c tcp_keepalives_interval=5 -c tcp_keepalives_count=3",
+            "-c tcp_keepalives_idle=10 -c tcp_keepalives_interval=5 -c tcp_keepalives_count=3 \
+             -c tcp_user_timeout=20000",
         );
         let (client, mut connection) = tokio::time::timeout(timeout, cfg.connect(tls))
             .await
