@@ -42,6 +42,8 @@ pub struct Metrics {
     pub pool_connections: IntGaugeVec,
     /// Relay replicas alive for a database (membership locks held).
     pub replicas: IntGaugeVec,
+    /// Sources given up for want of a pooled connection.
+    pub gave_up: IntCounterVec,
     /// Sources this replica handed over to another one, to share the work.
     pub handovers: IntCounterVec,
     /// Failed refreshes of a source's pending, lag and dead-letter figures.
@@ -170,6 +172,11 @@ impl Metrics {
             "Relay replicas alive for the database, as its membership locks say.",
             &["database"],
         );
+        let gave_up = counter(
+            "outbox_source_gave_up_total",
+            "Times this replica gave the source up because no pooled connection was free for a claim within operation_timeout.",
+            &["source"],
+        );
         let handovers = counter(
             "outbox_handovers_total",
             "Times this replica handed the source over to another replica (to share the sources), after its batches in flight settled.",
@@ -237,6 +244,7 @@ impl Metrics {
             poll_errors.with_label_values(&[s]);
             stats_errors.with_label_values(&[s]);
             handovers.with_label_values(&[s]);
+            gave_up.with_label_values(&[s]);
             task_restarts.with_label_values(&[s]);
             kafka_outage.with_label_values(&[s]);
         }
@@ -257,6 +265,7 @@ impl Metrics {
             poll_errors,
             stats_errors,
             handovers,
+            gave_up,
             pool_connections,
             replicas,
             task_restarts,

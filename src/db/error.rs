@@ -21,6 +21,17 @@ pub enum DbError {
         /// The error and its causes.
         detail: String,
     },
+    /// Every connection of the pool stayed busy: the relay has too few for its sources
+    /// (`pool_size`), or statements are slow.
+    #[error(
+        "{what}: no pooled connection free within {after:?} (pool_size too small for the load?)"
+    )]
+    NoConnection {
+        /// What the relay was doing.
+        what: String,
+        /// How long it waited (`operation_timeout`).
+        after: Duration,
+    },
     /// No answer in time.
     #[error("{what}: timed out after {after:?}")]
     TimedOut {
@@ -69,6 +80,8 @@ pub enum DbError {
 pub enum DbErrorKind {
     /// [`DbError::Unreachable`].
     Unreachable,
+    /// [`DbError::NoConnection`].
+    NoConnection,
     /// [`DbError::TimedOut`].
     TimedOut,
     /// [`DbError::Schema`].
@@ -91,7 +104,9 @@ impl DbError {
             DbErrorKind::Schema => DbError::Schema { what, detail },
             DbErrorKind::Permission => DbError::Permission { what, detail },
             DbErrorKind::Row => DbError::Row { what, detail },
-            DbErrorKind::TimedOut | DbErrorKind::Other => DbError::Other { what, detail },
+            DbErrorKind::NoConnection | DbErrorKind::TimedOut | DbErrorKind::Other => {
+                DbError::Other { what, detail }
+            }
         }
     }
 
@@ -105,6 +120,9 @@ impl DbError {
         let what = what.into();
         match e {
             P::Backend(pg) => DbError::pg(what, pg),
+            P::Timeout(deadpool_postgres::TimeoutType::Wait) => {
+                DbError::NoConnection { what, after }
+            }
             P::Timeout(_) => DbError::TimedOut { what, after },
             other => DbError::Unreachable {
                 what,
@@ -133,6 +151,7 @@ impl DbError {
     pub fn kind(&self) -> DbErrorKind {
         match self {
             DbError::Unreachable { .. } => DbErrorKind::Unreachable,
+            DbError::NoConnection { .. } => DbErrorKind::NoConnection,
             DbError::TimedOut { .. } => DbErrorKind::TimedOut,
             DbError::Schema { .. } => DbErrorKind::Schema,
             DbError::Permission { .. } => DbErrorKind::Permission,
@@ -221,6 +240,21 @@ mod tests {
         ] {
             assert_eq!(kind_of_state(&code), kind, "{code:?}");
         }
+    }
+
+    #[test]
+    fn a_pool_that_had_no_free_connection_is_told_from_a_slow_server() {
+        use deadpool_postgres::{PoolError, TimeoutType};
+        let after = Duration::from_secs(3);
+        let e = DbError::pool("claim: pool", &PoolError::Timeout(TimeoutType::Wait), after);
+        assert_eq!(e.kind(), DbErrorKind::NoConnection);
+        assert!(e.to_string().contains("pool_size"), "{e}");
+        let e = DbError::pool(
+            "claim: pool",
+            &PoolError::Timeout(TimeoutType::Create),
+            after,
+        );
+        assert_eq!(e.kind(), DbErrorKind::TimedOut);
     }
 
     #[test]

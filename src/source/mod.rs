@@ -48,6 +48,10 @@ use settle::Settler;
 pub use stats::refresh_stats;
 use store::Store;
 
+/// How long a source that gave itself up for want of a connection leaves its lock to
+/// the other replicas before asking for it again.
+const GIVE_UP_PAUSE: Duration = Duration::from_secs(5);
+
 /// Fault injection for tests (cargo feature `test-hooks`, which the integration tests
 /// turn on): compiled out of the relay that ships.
 #[cfg(feature = "test-hooks")]
@@ -164,6 +168,21 @@ impl Source {
                                 "handed the source over: another replica takes its share"
                             );
                         }
+                        Ended::NoConnection => {
+                            self.metrics.gave_up.with_label_values(&[self.name()]).inc();
+                            warn!(
+                                source = self.name(),
+                                pool_size = self.relay.pool_size,
+                                "gave the source up: no pooled connection was free for its claim; another replica may take it"
+                            );
+                            self.health.set_error(
+                                "gave the source up: no pooled connection free within operation_timeout (raise pool_size?)",
+                            );
+                            // Long enough for a replica with room to take it first.
+                            if wait(&cancel, GIVE_UP_PAUSE).await {
+                                return;
+                            }
+                        }
                         Ended::LostLock(why) => {
                             warn!(source = self.name(), error = %why, "lost the source's lock; trying to take it again");
                             self.health.set_error(format!("lost lock: {why}"));
@@ -250,19 +269,19 @@ impl Ports for Source {
         let limit = self.relay.batch_size as i64;
         let max_retries = self.relay.max_retries;
         let block = self.relay.retry.after_dead_letter == AfterDeadLetter::Block;
-        let work = async move {
+        let task = tokio::spawn(async move {
+            // The wait for a connection is the pool's own (operation_timeout), so a pool
+            // with none free says so, apart from a slow statement.
             let client = pool
                 .get()
                 .await
                 .map_err(|e| DbError::pool("claim: pool", &e, timeout))?;
-            store
-                .claim(&client, limit, max_retries, block, &exclude)
-                .await
-        };
-        let task = tokio::spawn(async move {
-            tokio::time::timeout(timeout, work)
-                .await
-                .map_err(|_| DbError::timed_out("claim", timeout))?
+            tokio::time::timeout(
+                timeout,
+                store.claim(&client, limit, max_retries, block, &exclude),
+            )
+            .await
+            .map_err(|_| DbError::timed_out("claim", timeout))?
         });
         async move {
             task.await

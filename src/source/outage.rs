@@ -40,6 +40,7 @@ impl Problem {
     pub fn of(e: &DbError) -> Problem {
         let (subject, problem, transient) = match e.kind() {
             DbErrorKind::Unreachable | DbErrorKind::TimedOut => ("postgres", "unreachable", true),
+            DbErrorKind::NoConnection => ("connection pool", "exhausted", true),
             DbErrorKind::Schema => ("outbox tables", "not as expected", false),
             DbErrorKind::Permission => ("postgres", "refuses the relay's role", false),
             DbErrorKind::Row => ("outbox row", "unreadable", false),

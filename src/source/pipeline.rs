@@ -29,7 +29,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
-use crate::db::{DbError, Notice};
+use crate::db::{DbError, DbErrorKind, Notice};
 use crate::event::Event;
 use crate::health::SourceHealth;
 use crate::metrics::Metrics;
@@ -486,7 +486,12 @@ impl<'a, P: Ports> Pipeline<'a, P> {
                     });
                 }
             }
-            Err(e) => self.db_down(&e),
+            Err(e) => {
+                if e.kind() == DbErrorKind::NoConnection {
+                    self.gate.ending.get_or_insert(Ended::NoConnection);
+                }
+                self.db_down(&e);
+            }
         }
     }
 

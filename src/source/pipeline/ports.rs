@@ -50,6 +50,9 @@ pub enum Ended {
     LostLock(String),
     /// Asked to hand the source over (a replica joined): what was out has settled.
     HandedOver,
+    /// A claim found no free pooled connection: the source is given up, so that it does
+    /// not sit on its lock doing nothing (another replica may have room).
+    NoConnection,
 }
 
 /// A batch whose every record was acknowledged or failed, for the settle.

@@ -406,6 +406,27 @@ async fn a_lost_lock_ends_the_lead_after_what_is_out_has_settled() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_claim_without_a_free_connection_gives_the_source_up_once_what_is_out_settled() {
+    let mut h = start(limits(1, 2));
+    claim_returns(&mut h, vec![event(1, "A")]).await;
+    let p1 = next(&mut h.publishes, "hand-over").await;
+    let c2 = next(&mut h.claims, "claim").await;
+    c2.reply
+        .send(Err(DbError::NoConnection {
+            what: "claim: pool".into(),
+            after: Duration::from_secs(1),
+        }))
+        .unwrap();
+    none_for(&mut h.claims, Duration::from_secs(5), "claim").await;
+    assert!(!h.task.is_finished(), "gave up with a batch out");
+    p1.answer(|_| Ok(()));
+    let s1 = next(&mut h.settles, "settle").await;
+    assert_eq!(s1.delivered, [1]);
+    s1.reply.send(Ok(())).unwrap();
+    assert_eq!(ended(h).await, Ended::NoConnection);
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_wake_up_for_its_own_schema_claims_at_once() {
     let mut h = start(limits(10, 2));
     claim_returns(&mut h, vec![]).await;
