@@ -526,3 +526,79 @@ fn a_frozen_broker_is_logged_once_at_its_start_and_once_at_its_end() {
         "no log flood during the outage ({warn_lines} warnings):\n{out}"
     );
 }
+
+/// How many of `names` the relay listening on `port` leads, by its /metrics.
+fn leading(port: u16, names: &[String]) -> usize {
+    let Some((_, text)) = common::http::get_blocking(([127, 0, 0, 1], port).into(), "/metrics")
+    else {
+        return 0;
+    };
+    let m = Metrics::parse(&text);
+    names
+        .iter()
+        .filter(|n| m.value("outbox_source_leader", &[("source", n)]) == Some(1.0))
+        .count()
+}
+
+#[test]
+fn two_relay_processes_share_eight_sources_and_a_kill_9_and_a_restart_rebalance_them() {
+    let names: Vec<String> = (0..8).map(|i| format!("shared{i}")).collect();
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let sc = scenario(&refs, 2);
+    let files = Files::migrated(&file_config(&sc), &[]);
+    let ports = [common::free_port(), common::free_port()];
+    let start = |port: u16| {
+        let listen = format!("127.0.0.1:{port}");
+        spawn(files.command(&["run"], &[("OUTBOX_HTTP__LISTEN", &listen)]))
+    };
+    let mut children = [start(ports[0]), start(ports[1])];
+    let mut written = 0;
+    let mut write = |round: usize| {
+        for src in &sc.sources {
+            sc.insert_events(src, 40, 4, round * 10);
+        }
+        written += 40;
+    };
+    write(0);
+    eventually_blocking("the two processes lead 4 sources each", DEADLINE, || {
+        (leading(ports[0], &names), leading(ports[1], &names)) == (4, 4)
+    });
+    write(1);
+    children[0].kill().unwrap(); // SIGKILL
+    let _ = children[0].wait();
+    let killed_at = Instant::now();
+    write(2);
+    eventually_blocking("the survivor leads all 8", DEADLINE, || {
+        leading(ports[1], &names) == 8
+    });
+    let takeover = killed_at.elapsed();
+    children[0] = start(ports[0]);
+    let restarted_at = Instant::now();
+    write(3);
+    eventually_blocking(
+        "the restarted process gets its share back",
+        DEADLINE,
+        || (leading(ports[0], &names), leading(ports[1], &names)) == (4, 4),
+    );
+    let rebalance = restarted_at.elapsed();
+    write(4);
+    for src in &sc.sources {
+        let got = sc.consume_blocking(&src.topic, written);
+        let (distinct, _dups, disorder) = audit(&got);
+        assert_eq!(distinct, written, "{}: nothing lost", src.name);
+        assert_eq!(disorder, 0, "{}: per-aggregate order kept", src.name);
+    }
+    for child in &mut children {
+        sigterm(child);
+        assert_eq!(wait_exit(child, Duration::from_secs(10)).code(), Some(0));
+    }
+    eprintln!("8 sources, 2 processes: takeover after kill -9 in {takeover:?}, rebalance after restart in {rebalance:?}");
+    assert!(
+        takeover < Duration::from_secs(10),
+        "takeover took {takeover:?}"
+    );
+    assert!(
+        rebalance < Duration::from_secs(30),
+        "rebalance took {rebalance:?}"
+    );
+}
