@@ -602,3 +602,125 @@ fn two_relay_processes_share_eight_sources_and_a_kill_9_and_a_restart_rebalance_
         "rebalance took {rebalance:?}"
     );
 }
+
+/// An nftables table of this test's, removed when dropped (also if the test fails).
+struct Firewall(String);
+
+/// `nft`, wherever the PATH of the test leaves it.
+fn nft() -> Command {
+    let sbin = Path::new("/usr/sbin/nft");
+    Command::new(if sbin.exists() {
+        sbin
+    } else {
+        Path::new("nft")
+    })
+}
+
+impl Firewall {
+    /// Drops every packet to and from `addr:port` (TCP) on this machine.
+    fn cut(addr: &str, port: u16) -> Firewall {
+        let table = format!("outbox_relay_test_{}", std::process::id());
+        let script = format!(
+            "table inet {table} {{\n chain out {{\n  type filter hook output priority 0;\n  \
+             ip daddr {addr} tcp dport {port} drop\n  ip saddr {addr} tcp sport {port} drop\n }}\n}}\n"
+        );
+        let st = nft()
+            .args(["-f", "-"])
+            .stdin(Stdio::piped())
+            .spawn()
+            .and_then(|mut c| {
+                use std::io::Write;
+                c.stdin.take().unwrap().write_all(script.as_bytes())?;
+                c.wait()
+            })
+            .expect("nft (nftables, run .ci/install-test-deps; the tests run as root)");
+        assert!(st.success(), "nft refused the rule set:\n{script}");
+        Firewall(table)
+    }
+}
+
+impl Drop for Firewall {
+    fn drop(&mut self) {
+        let _ = nft().args(["delete", "table", "inet", &self.0]).status();
+    }
+}
+
+#[test]
+fn a_replica_cut_off_from_postgres_stops_leading_and_the_other_takes_its_sources() {
+    let names: Vec<String> = (0..4).map(|i| format!("cut{i}")).collect();
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let sc = scenario(&refs, 1);
+    let files = Files::migrated(&file_config(&sc).set("operation_timeout", "5s"), &[]);
+    // The replica to cut off reaches PostgreSQL on a second address of its own.
+    sc.pg.psql(
+        "postgres",
+        "ALTER SYSTEM SET listen_addresses = '127.0.0.1,127.0.0.2'",
+    );
+    {
+        use std::io::Write;
+        let mut hba = std::fs::OpenOptions::new()
+            .append(true)
+            .open(sc.pg.data_dir().join("pg_hba.conf"))
+            .unwrap();
+        writeln!(hba, "host all all 127.0.0.2/32 trust").unwrap();
+    }
+    sc.pg.restart();
+    let cut_url = format!("postgres://postgres@127.0.0.2:{}/postgres", sc.pg.port);
+    let ports = [common::free_port(), common::free_port()];
+    let listen: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    let cut_env = [
+        ("OUTBOX_HTTP__LISTEN", listen[0].as_str()),
+        ("OUTBOX_DATABASE_URL", cut_url.as_str()),
+    ];
+    let mut cut = spawn(files.command(&["run"], &cut_env));
+    let mut other = spawn(files.command(&["run"], &[("OUTBOX_HTTP__LISTEN", &listen[1])]));
+    let mut written = 0;
+    let mut write = |round: usize| {
+        for src in &sc.sources {
+            sc.insert_events(src, 20, 2, round * 10);
+        }
+        written += 20;
+    };
+    write(0);
+    eventually_blocking("2 sources each", DEADLINE, || {
+        (leading(ports[0], &names), leading(ports[1], &names)) == (2, 2)
+    });
+    let wall = Firewall::cut("127.0.0.2", sc.pg.port);
+    let cut_at = Instant::now();
+    write(1);
+    eventually_blocking(
+        "the cut-off replica stops saying it leads",
+        DEADLINE,
+        || leading(ports[0], &names) == 0,
+    );
+    let stopped = cut_at.elapsed();
+    eventually_blocking("the other leads all 4", Duration::from_secs(90), || {
+        leading(ports[1], &names) == 4
+    });
+    let taken = cut_at.elapsed();
+    write(2);
+    drop(wall);
+    eventually_blocking("the healed replica gets its share back", DEADLINE, || {
+        (leading(ports[0], &names), leading(ports[1], &names)) == (2, 2)
+    });
+    write(3);
+    for src in &sc.sources {
+        let got = sc.consume_blocking(&src.topic, written);
+        let (distinct, _dups, disorder) = audit(&got);
+        assert_eq!(distinct, written, "{}: nothing lost", src.name);
+        assert_eq!(disorder, 0, "{}: per-aggregate order kept", src.name);
+    }
+    for child in [&mut cut, &mut other] {
+        sigterm(child);
+        let _ = wait_exit(child, Duration::from_secs(20));
+    }
+    eprintln!("cut off from PostgreSQL: stopped leading after {stopped:?}, the other led all after {taken:?}");
+    assert!(
+        stopped <= Duration::from_secs(5) + Duration::from_secs(2),
+        "stopped leading after {stopped:?}, operation_timeout is 5s"
+    );
+    assert!(
+        taken < Duration::from_secs(60),
+        "taken over after {taken:?}"
+    );
+}
