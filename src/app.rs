@@ -83,9 +83,12 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> Result<Ru
     // and stats, shared by its sources. The pool hands out connections first come,
     // first served, so a busy source keeps a quiet one waiting for about one claim.
     let mut per_db: HashMap<String, (Pool, Arc<Coordinator>)> = HashMap::new();
-    let mut in_db: HashMap<String, usize> = HashMap::new();
+    let mut in_db: HashMap<String, Vec<String>> = HashMap::new();
     for s in &settings.sources {
-        *in_db.entry(s.database_url.identity()).or_default() += 1;
+        in_db
+            .entry(s.database_url.identity())
+            .or_default()
+            .push(s.schema.clone());
     }
     let mut sources = Vec::new();
     for s in &settings.sources {
@@ -101,7 +104,7 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> Result<Ru
                 let c = Arc::new(Coordinator::new(
                     s.database_url.clone(),
                     settings.operation_timeout,
-                    in_db[&id],
+                    in_db[&id].clone(),
                 ));
                 per_db.insert(id, (p.clone(), c.clone()));
                 (p, c)

@@ -297,7 +297,7 @@ mod tests {
                 coordinator: Arc::new(Coordinator::new(
                     s.database_url.clone(),
                     settings.operation_timeout,
-                    1,
+                    vec![s.schema.clone()],
                 )),
             }],
             sink,

@@ -14,7 +14,7 @@
 //! The locks live exactly as long as that connection: a relay that dies or is cut off
 //! releases them as soon as PostgreSQL notices (the connection asks the server for TCP
 //! keepalives). A connection that stops answering is given up within
-//! `operation_timeout` (a ping), so its sources stop claiming before another process
+//! `operation_timeout` (the membership count), so its sources stop claiming before another process
 //! can have taken their locks over.
 
 use std::collections::{HashMap, HashSet};
@@ -37,24 +37,37 @@ pub const TAKEOVER_POLL: Duration = Duration::from_secs(1);
 const MEMBERSHIP_POLL: Duration = Duration::from_secs(1);
 /// The advisory-lock class of the replicas' membership locks (key: a slot number).
 const MEMBER_CLASS: i32 = LOCK_CLASS + 1;
-/// Live members of this database: the membership locks granted.
-const COUNT_MEMBERS: &str = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' \
-     AND granted AND objsubid = 2 AND classid = $1::int4::oid \
+/// Live members of this database (the membership locks granted), and the keys of the
+/// source locks held by anyone, in one look at pg_locks.
+const COUNT_MEMBERS: &str = "SELECT count(*) FILTER (WHERE classid = $1::int4::oid), \
+     COALESCE(array_agg(objid::int8) FILTER (WHERE classid = $2::int4::oid), '{}') \
+     FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid = 2 \
      AND database = (SELECT oid FROM pg_database WHERE datname = current_database())";
+/// The key (`pg_locks.objid`) of each schema's source lock.
+const LOCK_KEYS: &str = "SELECT k, hashtext('relay:' || k)::oid::int8 FROM unnest($1::text[]) AS k";
 
 /// The coordination connection of one database, opened when a source first needs it
 /// and again after it was lost.
 pub struct Coordinator {
     url: DatabaseUrl,
     timeout: Duration,
-    /// The sources of this database in the configuration.
-    sources: usize,
+    /// The schemas of this database's sources in the configuration.
+    schemas: Vec<String>,
     session: tokio::sync::Mutex<Option<Arc<Session>>>,
+}
+
+/// The statements a coordination connection runs over and over, prepared once (an
+/// unprepared statement costs a second round trip, and the server a second transaction).
+struct Statements {
+    lock: tokio_postgres::Statement,
+    unlock: tokio_postgres::Statement,
+    count: tokio_postgres::Statement,
 }
 
 /// One coordination connection.
 struct Session {
     client: tokio_postgres::Client,
+    statements: Statements,
     /// Wake-ups and the connection's end, for each schema this process leads.
     subscribers: Mutex<HashMap<String, UnboundedSender<Notice>>>,
     /// The schemas whose lock this session holds (advisory locks nest in a session: a
@@ -66,6 +79,11 @@ struct Session {
     members: AtomicUsize,
     /// The sources of this database in the configuration.
     sources: usize,
+    /// Each source's lock key (`pg_locks.objid`), to its schema.
+    keys: HashMap<i64, String>,
+    /// The schemas whose lock somebody held at the last count: a follower asks only for
+    /// the others, so following costs no query while every source has a holder.
+    taken: Mutex<HashSet<String>>,
     /// Cancelled when the connection ended or stopped answering.
     closed: CancellationToken,
 }
@@ -81,12 +99,12 @@ pub struct Leadership {
 
 impl Coordinator {
     /// The coordinator of the database behind `url`; connects on first use.
-    /// `sources`: how many sources of the configuration are in this database.
-    pub fn new(url: DatabaseUrl, timeout: Duration, sources: usize) -> Coordinator {
+    /// `schemas`: those of the configuration's sources in this database.
+    pub fn new(url: DatabaseUrl, timeout: Duration, schemas: Vec<String>) -> Coordinator {
         Coordinator {
             url,
             timeout,
-            sources,
+            schemas,
             session: tokio::sync::Mutex::new(None),
         }
     }
@@ -100,13 +118,16 @@ impl Coordinator {
                 // This replica leads its share; the rest is for the others.
                 return Ok(None);
             }
+            if lock(&session.taken).contains(schema) {
+                // Held by another replica at the last count (within a second).
+                return Ok(None);
+            }
             let key = lock_key(schema);
             let got: bool = tokio::time::timeout(
                 self.timeout,
-                session.client.query_one(
-                    "SELECT pg_try_advisory_lock($1, hashtext($2))",
-                    &[&LOCK_CLASS, &key],
-                ),
+                session
+                    .client
+                    .query_one(&session.statements.lock, &[&LOCK_CLASS, &key]),
             )
             .await
             .map_err(|_| DbError::timed_out("advisory lock", self.timeout))?
@@ -146,7 +167,7 @@ impl Coordinator {
             return Ok(s.clone());
         }
         *current = None;
-        let s = Session::open(&self.url, self.timeout, self.sources).await?;
+        let s = Session::open(&self.url, self.timeout, &self.schemas).await?;
         *current = Some(s.clone());
         Ok(s)
     }
@@ -158,7 +179,7 @@ impl Session {
     async fn open(
         url: &DatabaseUrl,
         timeout: Duration,
-        sources: usize,
+        schemas: &[String],
     ) -> Result<Arc<Session>, DbError> {
         let (client, mut messages) = url.connect(timeout).await?;
         bounded(
@@ -186,13 +207,38 @@ impl Session {
             }
             slot += 1;
         }
+        let rows = bounded("lock keys", timeout, client.query(LOCK_KEYS, &[&schemas])).await?;
+        let mut keys = HashMap::with_capacity(rows.len());
+        for r in &rows {
+            let schema: String = r.try_get(0).map_err(|e| DbError::pg("lock keys", &e))?;
+            let key: i64 = r.try_get(1).map_err(|e| DbError::pg("lock keys", &e))?;
+            keys.insert(key, schema);
+        }
+        let statements = Statements {
+            lock: bounded(
+                "prepare",
+                timeout,
+                client.prepare("SELECT pg_try_advisory_lock($1, hashtext($2))"),
+            )
+            .await?,
+            unlock: bounded(
+                "prepare",
+                timeout,
+                client.prepare("SELECT pg_advisory_unlock($1, hashtext($2))"),
+            )
+            .await?,
+            count: bounded("prepare", timeout, client.prepare(COUNT_MEMBERS)).await?,
+        };
         let session = Arc::new(Session {
             client,
+            statements,
             subscribers: Mutex::default(),
             held: Mutex::default(),
             releasing: Mutex::default(),
             members: AtomicUsize::new(1),
-            sources,
+            sources: schemas.len(),
+            keys,
+            taken: Mutex::default(),
             closed: CancellationToken::new(),
         });
         session.count_members(timeout).await?;
@@ -254,16 +300,22 @@ impl Session {
 
     /// Counts the live replicas.
     async fn count_members(&self, deadline: Duration) -> Result<(), DbError> {
-        let n: i64 = tokio::time::timeout(
+        let pg = |e: tokio_postgres::Error| DbError::pg("count members", &e);
+        let row = tokio::time::timeout(
             deadline,
-            self.client.query_one(COUNT_MEMBERS, &[&MEMBER_CLASS]),
+            self.client
+                .query_one(&self.statements.count, &[&MEMBER_CLASS, &LOCK_CLASS]),
         )
         .await
         .map_err(|_| DbError::timed_out("count members", deadline))?
-        .map_err(|e| DbError::pg("count members", &e))?
-        .try_get(0)
-        .map_err(|e| DbError::pg("count members", &e))?;
+        .map_err(pg)?;
+        let n: i64 = row.try_get(0).map_err(pg)?;
+        let held: Vec<i64> = row.try_get(1).map_err(pg)?;
         self.members.store((n as usize).max(1), Ordering::Relaxed);
+        *lock(&self.taken) = held
+            .iter()
+            .filter_map(|k| self.keys.get(k).cloned())
+            .collect();
         Ok(())
     }
 
@@ -323,17 +375,22 @@ impl Drop for Leadership {
         }
         let session = self.session.clone();
         let key = lock_key(&self.schema);
-        tokio::spawn(async move {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            // The process is ending: the connection, and the lock, go with it.
+            session.lost("shutting down");
+            return;
+        };
+        runtime.spawn(async move {
             let r = session
                 .client
-                .execute(
-                    "SELECT pg_advisory_unlock($1, hashtext($2))",
-                    &[&LOCK_CLASS, &key],
-                )
+                .execute(&session.statements.unlock, &[&LOCK_CLASS, &key])
                 .await;
             if let Err(e) = r {
-                // The connection is going: the server frees the lock with it.
-                debug!(error = %e, lock = key, "advisory unlock failed");
+                // A lock this session may still hold but no longer counts as held would
+                // be taken again on top (advisory locks nest) and never let go: give the
+                // connection up, and every lock with it.
+                warn!(error = %e, lock = key, "advisory unlock failed: reconnecting");
+                session.lost("advisory unlock failed");
             }
         });
     }
