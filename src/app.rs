@@ -1,40 +1,32 @@
-//! Wiring and lifecycle: pools, producer, one supervised task per source, the stats
-//! refresher and the HTTP server; then an orderly, bounded shutdown.
+//! Wiring and lifecycle: the producer, one [`Database`] per database (its pool, its
+//! coordination connection, its sources' supervised tasks, its stats), the HTTP server;
+//! then an orderly, bounded shutdown.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
-use std::panic::AssertUnwindSafe;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use deadpool_postgres::Pool;
-use futures::FutureExt;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::config::Settings;
+use crate::config::{PatternSettings, Settings, SourceSettings};
+use crate::database::Database;
 use crate::health::SourceHealth;
-use crate::http::{router, HttpState, SourceView};
+use crate::http::{router, HttpState};
 use crate::metrics::Metrics;
 use crate::sink;
-use crate::source::{Coordinator, Source};
-
-/// Pause before a panicked source task starts again.
-const RESTART_DELAY: Duration = Duration::from_secs(1);
 
 /// A started relay.
 pub struct Running {
     /// Where the HTTP server listens.
     pub addr: SocketAddr,
-    /// Each source's name and state, in configuration order.
-    pub sources: Vec<(String, Arc<SourceHealth>)>,
+    /// Its databases.
+    pub databases: Vec<Arc<Database>>,
     /// The metrics.
     pub metrics: Arc<Metrics>,
-    /// Each source's fault injection, in configuration order.
-    #[cfg(feature = "test-hooks")]
-    pub hooks: Vec<(String, Arc<crate::source::TestHooks>)>,
     done: tokio::task::JoinHandle<Result<()>>,
 }
 
@@ -45,14 +37,30 @@ impl Running {
     }
 
     /// A source's state by name.
-    pub fn state(&self, name: &str) -> Option<&Arc<SourceHealth>> {
-        self.sources.iter().find(|(n, _)| n == name).map(|(_, s)| s)
+    pub fn state(&self, name: &str) -> Option<Arc<SourceHealth>> {
+        self.source(name).map(|s| s.health.clone())
+    }
+
+    /// Every source's name, database by database.
+    pub fn source_names(&self) -> Vec<String> {
+        self.databases
+            .iter()
+            .flat_map(|d| d.sources())
+            .map(|s| s.name().to_string())
+            .collect()
+    }
+
+    fn source(&self, name: &str) -> Option<Arc<crate::source::Source>> {
+        self.databases
+            .iter()
+            .flat_map(|d| d.sources())
+            .find(|s| s.name() == name)
     }
 
     /// A source's fault injection by name.
     #[cfg(feature = "test-hooks")]
-    pub fn hooks(&self, name: &str) -> Option<&Arc<crate::source::TestHooks>> {
-        self.hooks.iter().find(|(n, _)| n == name).map(|(_, h)| h)
+    pub fn hooks(&self, name: &str) -> Option<Arc<crate::source::TestHooks>> {
+        self.source(name).map(|s| s.hooks.clone())
     }
 }
 
@@ -65,14 +73,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
 pub async fn start(settings: Settings, shutdown: CancellationToken) -> Result<Running> {
     settings.require_sources()?;
     let settings = Arc::new(settings);
-    let names: Vec<&str> = settings.sources.iter().map(|s| s.name.as_str()).collect();
-    let metrics = Arc::new(Metrics::new(&names));
-    for s in &settings.sources {
-        metrics
-            .dead_letter_capacity
-            .with_label_values(&[&s.name])
-            .set(settings.dead_letter_size);
-    }
+    let metrics = Arc::new(Metrics::new(&[]));
     let sink = Arc::new(
         sink::Sink::new(&settings.kafka, settings.operation_timeout)
             .context("create the Kafka producer")?,
@@ -82,42 +83,42 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> Result<Ru
     // leads there, and their wake-ups) and one pool of `pool_size` for claims, settles
     // and stats, shared by its sources. The pool hands out connections first come,
     // first served, so a busy source keeps a quiet one waiting for about one claim.
-    let mut per_db: HashMap<String, (Pool, Arc<Coordinator>)> = HashMap::new();
-    let mut in_db: HashMap<String, Vec<String>> = HashMap::new();
+    let mut grouped: BTreeMap<String, (Vec<SourceSettings>, Vec<PatternSettings>)> =
+        BTreeMap::new();
     for s in &settings.sources {
-        in_db
+        grouped
             .entry(s.database_url.identity())
             .or_default()
-            .push(s.schema.clone());
+            .0
+            .push(s.clone());
     }
-    let mut sources = Vec::new();
-    for s in &settings.sources {
-        let id = s.database_url.identity();
-        let (pool, coordinator) = match per_db.get(&id) {
-            Some(both) => both.clone(),
-            None => {
-                let p = s
-                    .database_url
-                    .pool(settings.pool_size, settings.operation_timeout)
-                    .map_err(anyhow::Error::msg)
-                    .with_context(|| format!("source {}", s.name))?;
-                let c = Arc::new(Coordinator::new(
-                    s.database_url.clone(),
-                    settings.operation_timeout,
-                    in_db[&id].clone(),
-                ));
-                per_db.insert(id, (p.clone(), c.clone()));
-                (p, c)
-            }
-        };
-        sources.push(Arc::new(Source::new(
-            s.clone(),
-            pool,
-            coordinator,
+    for p in &settings.patterns {
+        grouped
+            .entry(p.database_url.identity())
+            .or_default()
+            .1
+            .push(p.clone());
+    }
+    let names: crate::database::Names = Arc::new(Mutex::new(
+        settings
+            .sources
+            .iter()
+            .map(|s| s.name.clone())
+            .collect::<HashSet<_>>(),
+    ));
+    let work = shutdown.child_token();
+    let mut databases = Vec::new();
+    for (label, (fixed, patterns)) in grouped {
+        databases.push(Database::new(
+            label,
+            fixed,
+            patterns,
             settings.clone(),
             sink.clone(),
             metrics.clone(),
-        )));
+            names.clone(),
+            work.clone(),
+        )?);
     }
 
     let listener = tokio::net::TcpListener::bind(settings.http.listen)
@@ -127,46 +128,30 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> Result<Ru
     let http_state = Arc::new(HttpState {
         settings: settings.clone(),
         metrics: metrics.clone(),
-        sources: sources
-            .iter()
-            .map(|s| SourceView {
-                name: s.settings.name.clone(),
-                pool: s.pool.clone(),
-                health: s.health.clone(),
-                coordinator: s.coordinator.clone(),
-            })
-            .collect(),
+        databases: databases.clone(),
         sink: sink.clone(),
         deep_cache: tokio::sync::Mutex::new(None),
     });
 
-    let work = shutdown.child_token();
     let mut tasks = JoinSet::new();
-    for s in &sources {
-        tasks.spawn(supervise(s.clone(), work.clone()));
+    for d in &databases {
+        tasks.spawn(d.clone().run());
     }
-    let stats_task = tokio::spawn(crate::source::refresh_stats(
-        sources.clone(),
-        settings.health.refresh_interval,
-        work.clone(),
-    ));
     let http_cancel = shutdown.clone();
     let http_task = tokio::spawn(async move {
         axum::serve(listener, router(http_state))
             .with_graceful_shutdown(http_cancel.cancelled_owned())
             .await
     });
-    info!(%addr, sources = settings.sources.len(), enabled = settings.enabled, "relay started");
+    info!(
+        %addr,
+        databases = databases.len(),
+        sources = settings.sources.len(),
+        patterns = settings.patterns.len(),
+        enabled = settings.enabled,
+        "relay started"
+    );
 
-    let list: Vec<(String, Arc<SourceHealth>)> = sources
-        .iter()
-        .map(|s| (s.settings.name.clone(), s.health.clone()))
-        .collect();
-    #[cfg(feature = "test-hooks")]
-    let hooks = sources
-        .iter()
-        .map(|s| (s.settings.name.clone(), s.hooks.clone()))
-        .collect();
     let grace = settings.operation_timeout;
     let done = tokio::spawn(async move {
         shutdown.cancelled().await;
@@ -181,7 +166,6 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> Result<Ru
             warn!("shutdown: batches still in flight at the deadline were abandoned; their rows stay in the outbox and go out after restart");
             tasks.abort_all();
         }
-        stats_task.abort();
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         let flushed =
             tokio::task::spawn_blocking(move || sink.flush(left.max(Duration::from_millis(100))))
@@ -199,35 +183,8 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> Result<Ru
     });
     Ok(Running {
         addr,
-        sources: list,
+        databases,
         metrics,
-        #[cfg(feature = "test-hooks")]
-        hooks,
         done,
     })
-}
-
-/// Runs a source, catching a panic and starting it again after a pause.
-async fn supervise(source: Arc<Source>, cancel: CancellationToken) {
-    loop {
-        let r = AssertUnwindSafe(source.run(cancel.clone()))
-            .catch_unwind()
-            .await;
-        match r {
-            Ok(()) => return,
-            Err(panic) => {
-                let msg = panic
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                    .unwrap_or_else(|| "unknown panic".into());
-                error!(source = %source.settings.name, panic = %msg, "source task panicked; restarting it");
-                source.reset_after_panic(&msg);
-                tokio::select! {
-                    _ = tokio::time::sleep(RESTART_DELAY) => {}
-                    _ = cancel.cancelled() => return,
-                }
-            }
-        }
-    }
 }

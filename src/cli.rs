@@ -177,7 +177,7 @@ async fn dead_letter(settings: &Settings, cmd: DeadLetterCommand) -> anyhow::Res
         | DeadLetterCommand::Replay { args }
         | DeadLetterCommand::Purge { args, .. } => args,
     };
-    let source = settings.source(&args.source)?;
+    let source = &settings.source(&args.source)?;
     let filter = dl::Filter {
         ids: args.id.clone(),
         event_type: args.event_type.clone(),

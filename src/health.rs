@@ -12,6 +12,8 @@ pub struct SourceHealth {
     pub heartbeat_ms: AtomicU64,
     /// Whether this replica holds the source.
     pub leader: AtomicBool,
+    /// Whether the task waits for nothing but a wake-up or a lead (idle, not stuck).
+    pub parked: AtomicBool,
     /// Events published by this process.
     pub processed: AtomicU64,
     /// Failed publish attempts seen by this process.
@@ -52,6 +54,18 @@ impl SourceHealth {
     /// Records a sign of life now.
     pub fn beat(&self) {
         self.heartbeat_ms.store(now_ms(), Ordering::Relaxed);
+    }
+
+    /// Records a sign of life, and whether the task now waits for nothing but a
+    /// wake-up (a parked task cannot be stuck: it has nothing to do).
+    pub fn park(&self, on: bool) {
+        self.beat();
+        self.parked.store(on, Ordering::Relaxed);
+    }
+
+    /// Whether the task is parked.
+    pub fn is_parked(&self) -> bool {
+        self.parked.load(Ordering::Relaxed)
     }
 
     /// Time since the last sign of life.

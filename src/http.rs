@@ -8,15 +8,13 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use deadpool_postgres::Pool;
 use serde::Serialize;
 use serde_json::json;
 
 use crate::config::Settings;
-use crate::health::SourceHealth;
+use crate::database::Database;
 use crate::metrics::Metrics;
 use crate::sink::Sink;
-use crate::source::Coordinator;
 
 /// How long a `/health/deep` answer is reused: probes arriving together share one check.
 const DEEP_CACHE: Duration = Duration::from_secs(2);
@@ -27,33 +25,34 @@ pub struct HttpState {
     pub settings: Arc<Settings>,
     /// Metrics.
     pub metrics: Arc<Metrics>,
-    /// Each source, in configuration order.
-    pub sources: Vec<SourceView>,
+    /// Each database, with its sources.
+    pub databases: Vec<Arc<Database>>,
     /// The producer, for cluster metadata.
     pub sink: Arc<Sink>,
     /// The last deep check, shared by concurrent probes.
     pub deep_cache: tokio::sync::Mutex<Option<(Instant, StatusCode, serde_json::Value)>>,
 }
 
-/// What the handlers see of one source.
-pub struct SourceView {
-    /// Its name.
-    pub name: String,
-    /// Its database's pool, for the reachability check.
-    pub pool: Pool,
-    /// Its visible state.
-    pub health: Arc<SourceHealth>,
-    /// Its database's coordination connection, for the replica count.
-    pub coordinator: Arc<Coordinator>,
-}
-
-/// What the relay holds of a source's database: the pool's connections, and how many
-/// replicas share the database's sources.
-fn connections(s: &SourceView) -> serde_json::Value {
-    let p = s.pool.status();
+/// What the relay holds of a database: the pool's connections, the coordination
+/// connection (replicas sharing the database's sources, sources this one leads), and
+/// the database's sources.
+fn connections(d: &Database) -> serde_json::Value {
+    let p = d.pool.status();
+    let c = d.coordinator.status();
+    let sources: Vec<String> = d.sources().iter().map(|s| s.name().to_string()).collect();
     json!({
-        "pool": {"max": p.max_size, "open": p.size, "idle": p.available, "waiting": p.waiting},
-        "replicas": s.coordinator.members(),
+        "pool": {
+            "max": p.max_size,
+            "open": p.size,
+            "idle": p.available,
+            "in_use": p.size.saturating_sub(p.available),
+            "waiting": p.waiting,
+        },
+        "connections": p.size + c.up as usize,
+        "replicas": c.replicas,
+        "coordination": c,
+        "sources_led": c.led,
+        "sources": sources,
     })
 }
 
@@ -79,15 +78,18 @@ async fn health(State(st): State<Arc<HttpState>>) -> Response {
     let bound = liveness_bound(&st.settings);
     let mut ok = true;
     let sources: Vec<_> = st
-        .sources
+        .databases
         .iter()
+        .flat_map(|d| d.sources())
         .map(|s| {
             let silent = s.health.silent_for();
-            let alive = silent <= bound;
+            let parked = s.health.is_parked();
+            // A parked task waits for nothing but a wake-up or a lead: idle, not stuck.
+            let alive = parked || silent <= bound;
             ok &= alive;
             json!({
-                "source": s.name,
-                "status": if alive { "ok" } else { "stuck" },
+                "source": s.name(),
+                "status": if !alive { "stuck" } else if parked { "idle" } else { "ok" },
                 "silent_for_s": silent.as_secs_f64(),
                 "leader": s.health.is_leader(),
             })
@@ -133,10 +135,11 @@ async fn health_deep(State(st): State<Arc<HttpState>>) -> Response {
 /// Runs every deep check concurrently, each under its own deadline.
 async fn deep_check(st: &HttpState) -> (StatusCode, serde_json::Value) {
     let deadline = st.settings.operation_timeout.min(Duration::from_secs(3));
-    let db_checks = st.sources.iter().map(|s| async move {
+    let enabled = st.settings.enabled;
+    let db_checks = st.databases.iter().map(|d| async move {
         let started = Instant::now();
         let r = tokio::time::timeout(deadline, async {
-            let c = s.pool.get().await.map_err(|e| e.to_string())?;
+            let c = d.pool.get().await.map_err(|e| e.to_string())?;
             c.simple_query("SELECT 1")
                 .await
                 .map_err(|e| e.to_string())?;
@@ -144,12 +147,18 @@ async fn deep_check(st: &HttpState) -> (StatusCode, serde_json::Value) {
         })
         .await
         .unwrap_or_else(|_| Err(format!("no answer within {deadline:?}")));
+        // Reachable, but no coordination connection: no source can be led here.
+        let coordination = d.coordinator.status();
+        let r = match (r, coordination.error) {
+            (Ok(()), Some(e)) if enabled => Err(format!("coordination connection: {e}")),
+            (r, _) => r,
+        };
         Check {
-            component: format!("database:{}", s.name),
+            component: format!("database:{}", d.label),
             status: if r.is_ok() { "ok" } else { "down" },
             latency_ms: started.elapsed().as_secs_f64() * 1000.0,
             message: r.err().unwrap_or_else(|| "reachable".into()),
-            details: Some(connections(s)),
+            details: Some(connections(d)),
         }
     });
     let sink = st.sink.clone();
@@ -175,8 +184,8 @@ async fn deep_check(st: &HttpState) -> (StatusCode, serde_json::Value) {
     checks.push(kafka);
 
     let lag_threshold = st.settings.health.lag_threshold.as_secs_f64();
-    for s in &st.sources {
-        let name = &s.name;
+    for s in st.databases.iter().flat_map(|d| d.sources()) {
+        let name = s.name();
         let age = st
             .metrics
             .oldest_pending_age
@@ -268,6 +277,7 @@ mod tests {
 
     const TOML: &str = r#"
         operation_timeout = "1s"
+        pool_size = 2
         [kafka]
         brokers = "127.0.0.1:1"
         [[sources]]
@@ -280,26 +290,25 @@ mod tests {
     fn state() -> Arc<HttpState> {
         let settings =
             Arc::new(Settings::from_parts(Some(TOML), &HashMap::new()).expect("settings"));
-        let metrics = Arc::new(Metrics::new(&["orders"]));
-        let s = &settings.sources[0];
-        let pool = s
-            .database_url
-            .pool(2, settings.operation_timeout)
-            .expect("a pool connects lazily");
+        let metrics = Arc::new(Metrics::new(&[]));
+        let s = settings.sources[0].clone();
         let sink = Arc::new(Sink::new(&settings.kafka, settings.operation_timeout).expect("sink"));
+        // Built, not run: nothing connects until a probe asks.
+        let db = Database::new(
+            s.database_url.identity(),
+            vec![s],
+            Vec::new(),
+            settings.clone(),
+            sink.clone(),
+            metrics.clone(),
+            Arc::default(),
+            tokio_util::sync::CancellationToken::new(),
+        )
+        .expect("a database connects lazily");
         Arc::new(HttpState {
             settings: settings.clone(),
             metrics,
-            sources: vec![SourceView {
-                name: s.name.clone(),
-                pool,
-                health: Arc::new(SourceHealth::new()),
-                coordinator: Arc::new(Coordinator::new(
-                    s.database_url.clone(),
-                    settings.operation_timeout,
-                    vec![s.schema.clone()],
-                )),
-            }],
+            databases: vec![db],
             sink,
             deep_cache: tokio::sync::Mutex::new(None),
         })
@@ -329,8 +338,9 @@ mod tests {
         assert_eq!(v["sources"][0]["status"], "ok");
         // A task silent for longer than the bound: stuck, whatever the database says.
         let bound = liveness_bound(&st.settings);
-        let old = st.sources[0].health.heartbeat_ms.load(Ordering::Relaxed);
-        st.sources[0]
+        let source = st.databases[0].sources()[0].clone();
+        let old = source.health.heartbeat_ms.load(Ordering::Relaxed);
+        source
             .health
             .heartbeat_ms
             .store(old - bound.as_millis() as u64 - 1000, Ordering::Relaxed);
@@ -348,7 +358,7 @@ mod tests {
         let checks = v["checks"].as_array().expect("checks");
         let db = checks
             .iter()
-            .find(|c| c["component"] == "database:orders")
+            .find(|c| c["component"] == "database:127.0.0.1:1/app")
             .expect("a database check");
         assert_eq!(db["status"], "down", "{body}");
         assert_eq!(db["details"]["pool"]["max"], 2, "{body}");

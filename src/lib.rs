@@ -6,6 +6,7 @@
 pub mod app;
 pub mod cli;
 pub mod config;
+pub mod database;
 pub mod db;
 pub mod dead_letter;
 pub mod event;

@@ -42,6 +42,14 @@ pub struct Metrics {
     pub pool_connections: IntGaugeVec,
     /// Relay replicas alive for a database (membership locks held).
     pub replicas: IntGaugeVec,
+    /// 1 while the database's coordination connection is up.
+    pub coordination_up: IntGaugeVec,
+    /// Sources of a database this replica leads.
+    pub sources_led: IntGaugeVec,
+    /// Sources of a database (configured or found by `schema_pattern`).
+    pub sources: IntGaugeVec,
+    /// Connections this replica holds to a database: the pool's and the coordination one.
+    pub connections: IntGaugeVec,
     /// Sources given up for want of a pooled connection.
     pub gave_up: IntCounterVec,
     /// Sources this replica handed over to another one, to share the work.
@@ -164,8 +172,28 @@ impl Metrics {
         );
         let pool_connections = gauge(
             "outbox_pool_connections",
-            "Connections of the database's pool for claims, settles and stats: open, idle, and tasks waiting for one.",
+            "Connections of the database's pool for claims, settles and stats: open, idle, in_use, and tasks waiting for one.",
             &["database", "state"],
+        );
+        let coordination_up = gauge(
+            "outbox_coordination_up",
+            "1 while the database's coordination connection (the sources' locks and wake-ups) is up.",
+            &["database"],
+        );
+        let sources_led = gauge(
+            "outbox_sources_led",
+            "Sources of the database this replica leads.",
+            &["database"],
+        );
+        let sources_known = gauge(
+            "outbox_sources",
+            "Sources of the database, configured or found by schema_pattern.",
+            &["database"],
+        );
+        let connections = gauge(
+            "outbox_connections",
+            "Connections this replica holds to the database: the pool's and the coordination connection.",
+            &["database"],
         );
         let replicas = gauge(
             "outbox_replicas",
@@ -226,7 +254,66 @@ impl Metrics {
             ))
             .expect("unique metric");
 
+        let m = Metrics {
+            registry,
+            published,
+            failed,
+            dead_lettered,
+            pending,
+            oldest_pending_age,
+            dead_letter_rows,
+            dead_letter_capacity,
+            publish_duration,
+            batch_duration,
+            end_to_end_latency,
+            source_up,
+            source_leader,
+            poll_errors,
+            stats_errors,
+            handovers,
+            gave_up,
+            pool_connections,
+            replicas,
+            coordination_up,
+            sources_led,
+            sources: sources_known,
+            connections,
+            task_restarts,
+            kafka_outage,
+            build_info,
+            start_time,
+        };
         for s in sources {
+            m.add_source(s);
+        }
+        m
+    }
+
+    /// Creates a source's series at zero, so alerts and `rate()` see them before the
+    /// first event.
+    pub fn add_source(&self, s: &str) {
+        let Metrics {
+            published,
+            failed,
+            dead_lettered,
+            pending,
+            oldest_pending_age,
+            dead_letter_rows,
+            dead_letter_capacity,
+            publish_duration,
+            batch_duration,
+            end_to_end_latency,
+            source_up,
+            source_leader,
+            poll_errors,
+            stats_errors,
+            handovers,
+            gave_up,
+            task_restarts,
+            kafka_outage,
+            ..
+        } = self;
+        {
             published.with_label_values(&[s]);
             for r in Reason::ALL.map(Reason::label) {
                 failed.with_label_values(&[s, r]);
@@ -248,31 +335,33 @@ impl Metrics {
             task_restarts.with_label_values(&[s]);
             kafka_outage.with_label_values(&[s]);
         }
-        Metrics {
-            registry,
-            published,
-            failed,
-            dead_lettered,
-            pending,
-            oldest_pending_age,
-            dead_letter_rows,
-            dead_letter_capacity,
-            publish_duration,
-            batch_duration,
-            end_to_end_latency,
-            source_up,
-            source_leader,
-            poll_errors,
-            stats_errors,
-            handovers,
-            gave_up,
-            pool_connections,
-            replicas,
-            task_restarts,
-            kafka_outage,
-            build_info,
-            start_time,
+    }
+
+    /// Removes a source's series (its schema is gone).
+    pub fn remove_source(&self, s: &str) {
+        let drop = |v: &dyn Fn(&[&str]) -> prometheus::Result<()>| {
+            let _ = v(&[s]);
+        };
+        drop(&|l| self.published.remove_label_values(l));
+        for r in Reason::ALL.map(Reason::label) {
+            let _ = self.failed.remove_label_values(&[s, r]);
         }
+        drop(&|l| self.dead_lettered.remove_label_values(l));
+        drop(&|l| self.pending.remove_label_values(l));
+        drop(&|l| self.oldest_pending_age.remove_label_values(l));
+        drop(&|l| self.dead_letter_rows.remove_label_values(l));
+        drop(&|l| self.dead_letter_capacity.remove_label_values(l));
+        drop(&|l| self.publish_duration.remove_label_values(l));
+        drop(&|l| self.batch_duration.remove_label_values(l));
+        drop(&|l| self.end_to_end_latency.remove_label_values(l));
+        drop(&|l| self.source_up.remove_label_values(l));
+        drop(&|l| self.source_leader.remove_label_values(l));
+        drop(&|l| self.poll_errors.remove_label_values(l));
+        drop(&|l| self.stats_errors.remove_label_values(l));
+        drop(&|l| self.handovers.remove_label_values(l));
+        drop(&|l| self.gave_up.remove_label_values(l));
+        drop(&|l| self.task_restarts.remove_label_values(l));
+        drop(&|l| self.kafka_outage.remove_label_values(l));
     }
 
     /// The Prometheus text exposition of every metric.

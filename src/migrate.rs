@@ -1,16 +1,19 @@
-//! `outbox-relay migrate`: applies `migrations/*.sql` to every source's schema.
+//! `outbox-relay migrate`: applies `migrations/*.sql` to every source's schema, and to
+//! every schema matching a `schema_pattern`.
 //!
 //! The files use unqualified names; each runs with `search_path` set to the source's
 //! schema, inside one transaction per schema that also records what it applied in
 //! `<schema>.outbox_relay_migrations`. A transaction-scoped advisory lock keeps two
 //! migrators (two replicas' init jobs) from racing on one schema.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use tracing::info;
+use tracing::{info, warn};
 
-use crate::config::{Settings, SourceSettings};
+use crate::config::{PatternSettings, Settings, SourceSettings};
+use crate::database::matching_schemas;
 use crate::db::quote_ident;
 
 /// One migration file, embedded in the binary.
@@ -57,11 +60,62 @@ pub struct Applied {
     pub versions: Vec<String>,
 }
 
-/// Applies the migrations to every configured source's schema.
+/// Applies the migrations to every configured source's schema, and to every schema
+/// that matches a `schema_pattern` source's pattern: one connection per database URL.
 pub async fn migrate_all(settings: &Settings) -> Result<Vec<Applied>> {
+    let timeout = settings.operation_timeout;
+    let mut by_url: BTreeMap<String, (Vec<&SourceSettings>, Vec<PatternSettings>)> =
+        BTreeMap::new();
+    for s in &settings.sources {
+        by_url
+            .entry(s.database_url.to_string())
+            .or_default()
+            .0
+            .push(s);
+    }
+    for p in &settings.patterns {
+        by_url
+            .entry(p.database_url.to_string())
+            .or_default()
+            .1
+            .push(p.clone());
+    }
     let mut out = Vec::new();
-    for source in &settings.sources {
-        out.push(migrate_source(source, settings.operation_timeout).await?);
+    for (fixed, patterns) in by_url.into_values() {
+        let url = fixed
+            .first()
+            .map(|s| &s.database_url)
+            .or_else(|| patterns.first().map(|p| &p.database_url))
+            .expect("a group has a source or a pattern");
+        let (mut client, _notices) = url
+            .connect(timeout)
+            .await
+            .map_err(anyhow::Error::msg)
+            .with_context(|| format!("migrate: connect to {url}"))?;
+        for s in fixed {
+            out.push(migrate_schema(&mut client, &s.name, &s.schema).await?);
+        }
+        if patterns.is_empty() {
+            continue;
+        }
+        let found = matching_schemas(&client, &patterns, false, timeout)
+            .await
+            .map_err(anyhow::Error::msg)
+            .with_context(|| format!("migrate: list the schemas of {url}"))?;
+        for schema in found.odd {
+            warn!(schema, "schema matches a schema_pattern but its name is not a plain lowercase identifier: not migrated");
+        }
+        if found.matches.is_empty() {
+            let list: Vec<String> = patterns
+                .iter()
+                .map(|p| p.schema_pattern.to_string())
+                .collect();
+            warn!(patterns = %list.join(", "), database = %url, "no schema matches: nothing to migrate for these patterns (create the schemas first)");
+        }
+        for (i, schema) in found.matches {
+            let name = patterns[i].source_for(&schema).name;
+            out.push(migrate_schema(&mut client, &name, &schema).await?);
+        }
     }
     Ok(out)
 }
@@ -74,11 +128,21 @@ pub async fn migrate_source(source: &SourceSettings, timeout: Duration) -> Resul
         .await
         .map_err(anyhow::Error::msg)
         .with_context(|| format!("migrate source {}", source.name))?;
-    let schema = quote_ident(&source.schema);
+    migrate_schema(&mut client, &source.name, &source.schema).await
+}
+
+/// Applies the migrations to `schema` (of source `name`) over `client`, in one
+/// transaction.
+async fn migrate_schema(
+    client: &mut tokio_postgres::Client,
+    name: &str,
+    schema_name: &str,
+) -> Result<Applied> {
+    let schema = quote_ident(schema_name);
     let tx = client.transaction().await?;
     tx.execute(
         "SELECT pg_advisory_xact_lock($1, hashtext($2))",
-        &[&LOCK_CLASS, &format!("migrate:{}", source.schema)],
+        &[&LOCK_CLASS, &format!("migrate:{schema_name}")],
     )
     .await
     .context("take the migration lock")?;
@@ -91,7 +155,7 @@ pub async fn migrate_source(source: &SourceSettings, timeout: Duration) -> Resul
          );"
     ))
     .await
-    .with_context(|| format!("prepare schema {}", source.schema))?;
+    .with_context(|| format!("prepare schema {schema_name}"))?;
     let done: Vec<String> = tx
         .query("SELECT version FROM outbox_relay_migrations", &[])
         .await?
@@ -105,7 +169,7 @@ pub async fn migrate_source(source: &SourceSettings, timeout: Duration) -> Resul
         }
         tx.batch_execute(m.sql)
             .await
-            .with_context(|| format!("apply {} to schema {}", m.version, source.schema))?;
+            .with_context(|| format!("apply {} to schema {schema_name}", m.version))?;
         tx.execute(
             "INSERT INTO outbox_relay_migrations (version) VALUES ($1)",
             &[&m.version],
@@ -114,9 +178,9 @@ pub async fn migrate_source(source: &SourceSettings, timeout: Duration) -> Resul
         versions.push(m.version.to_string());
     }
     tx.commit().await?;
-    info!(source = %source.name, schema = %source.schema, applied = ?versions, "schema migrated");
+    info!(source = %name, schema = %schema_name, applied = ?versions, "schema migrated");
     Ok(Applied {
-        source: source.name.clone(),
+        source: name.to_string(),
         versions,
     })
 }

@@ -364,7 +364,7 @@ impl Demo {
             .iter()
             .map(|s| {
                 let c = self.ledger.service(*s);
-                let state = &self.relay.sources[s.index()].1;
+                let state = self.relay.state(s.name()).unwrap_or_default();
                 Row {
                     name: s.name(),
                     written: c.committed.load(Ordering::Relaxed),

@@ -76,8 +76,15 @@ pub struct Settings {
     pub health: HealthSettings,
     /// Logging (`[log]`).
     pub log: LogSettings,
-    /// The outbox tables to relay (`[[sources]]`).
+    /// The outbox tables to relay (`[[sources]]` naming a `schema`).
     pub sources: Vec<SourceSettings>,
+    /// Sources found by schema name (`[[sources]]` giving a `schema_pattern`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub patterns: Vec<PatternSettings>,
+    /// How often the schemas matching a `schema_pattern` are listed again, to start the
+    /// sources of new ones and stop those of schemas gone (`OUTBOX_DISCOVERY_INTERVAL`).
+    #[serde(with = "humantime_serde_compat")]
+    pub discovery_interval: Duration,
 }
 
 /// Retry and dead-letter behaviour.
@@ -161,10 +168,132 @@ pub struct SourceSettings {
     pub name: String,
     /// The source's database; when absent, `database_url_env` or the top-level `database_url`.
     pub database_url: DatabaseUrl,
+    /// The URL of the database's coordination connection (the sources' advisory locks
+    /// and LISTEN), when it is not `database_url`: PostgreSQL directly, or a pooler in
+    /// session mode, while the pool may go through a transaction-mode pooler.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub coordination_url: Option<DatabaseUrl>,
     /// Schema holding `outbox` and `outbox_dead_letter` (a plain lowercase identifier).
     pub schema: String,
     /// Topic for rows that name none.
     pub topic: String,
+}
+
+/// Where `{schema}` is replaced by a matching schema's name, in a pattern source's
+/// `name` and `topic`.
+pub const SCHEMA_PLACEHOLDER: &str = "{schema}";
+
+/// Sources found by schema name: every schema of the database whose name matches
+/// `schema_pattern` and that holds an outbox table is a source.
+#[derive(Debug, Clone, Serialize)]
+pub struct PatternSettings {
+    /// The sources' names, with `{schema}` standing for the schema's name.
+    pub name: String,
+    /// The database the schemas are looked for in.
+    pub database_url: DatabaseUrl,
+    /// As [`SourceSettings::coordination_url`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub coordination_url: Option<DatabaseUrl>,
+    /// Which schemas: `*` stands for any run of characters, `?` for one.
+    pub schema_pattern: SchemaPattern,
+    /// The sources' topic for rows that name none; `{schema}` may stand in it.
+    pub topic: String,
+}
+
+impl PatternSettings {
+    /// The source of one matching schema.
+    pub fn source_for(&self, schema: &str) -> SourceSettings {
+        SourceSettings {
+            name: self.name.replace(SCHEMA_PLACEHOLDER, schema),
+            database_url: self.database_url.clone(),
+            coordination_url: self.coordination_url.clone(),
+            schema: schema.to_string(),
+            topic: self.topic.replace(SCHEMA_PLACEHOLDER, schema),
+        }
+    }
+
+    /// The schema a source name of this pattern stands for, if it is one.
+    pub fn schema_of(&self, name: &str) -> Option<String> {
+        let (head, tail) = self.name.split_once(SCHEMA_PLACEHOLDER)?;
+        let schema = name.strip_prefix(head)?.strip_suffix(tail)?;
+        (is_identifier(schema)
+            && self.schema_pattern.matches(schema)
+            && self.source_for(schema).name == name)
+            .then(|| schema.to_string())
+    }
+}
+
+/// A schema name pattern: lowercase letters, digits and `_`, with `*` for any run of
+/// characters and `?` for one. PostgreSQL's own schemas (`pg_*`,
+/// `information_schema`) never match.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SchemaPattern(String);
+
+impl SchemaPattern {
+    /// Checks a pattern.
+    pub fn parse(p: &str) -> Result<SchemaPattern, String> {
+        if p.is_empty() || p.len() > 63 {
+            return Err(format!("{p:?} must be 1 to 63 characters long"));
+        }
+        if let Some(c) = p
+            .chars()
+            .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || "_*?".contains(*c)))
+        {
+            return Err(format!(
+                "{p:?} holds {c:?}; a pattern uses lowercase letters, digits, '_', and '*' or '?' as wildcards"
+            ));
+        }
+        if !p.contains(['*', '?']) {
+            return Err(format!(
+                "{p:?} has no wildcard ('*' or '?'); name one schema with `schema` instead"
+            ));
+        }
+        Ok(SchemaPattern(p.to_string()))
+    }
+
+    /// Whether `schema` matches.
+    pub fn matches(&self, schema: &str) -> bool {
+        fn glob(p: &[u8], s: &[u8]) -> bool {
+            match (p.first(), s.first()) {
+                (None, None) => true,
+                (Some(b'*'), _) => glob(&p[1..], s) || (!s.is_empty() && glob(p, &s[1..])),
+                (Some(b'?'), Some(_)) => glob(&p[1..], &s[1..]),
+                (Some(a), Some(b)) if a == b => glob(&p[1..], &s[1..]),
+                _ => false,
+            }
+        }
+        !is_system_schema(schema) && glob(self.0.as_bytes(), schema.as_bytes())
+    }
+
+    /// The pattern for SQL's `LIKE ... ESCAPE '\'`.
+    pub fn like(&self) -> String {
+        self.0
+            .chars()
+            .map(|c| match c {
+                '*' => "%".to_string(),
+                '?' => "_".to_string(),
+                '_' => "\\_".to_string(),
+                c => c.to_string(),
+            })
+            .collect()
+    }
+}
+
+impl fmt::Display for SchemaPattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl Serialize for SchemaPattern {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
+/// PostgreSQL's own schemas, which no pattern matches.
+pub fn is_system_schema(schema: &str) -> bool {
+    schema.starts_with("pg_") || schema == "information_schema"
 }
 
 impl Settings {
@@ -245,7 +374,7 @@ impl Settings {
 
     /// Fails unless at least one source is configured (`run` and `migrate` need one).
     pub fn require_sources(&self) -> Result<(), ConfigError> {
-        if self.sources.is_empty() {
+        if self.sources.is_empty() && self.patterns.is_empty() {
             return Err(ConfigError(vec![
                 "sources: no [[sources]] configured; name at least one outbox table to relay"
                     .into(),
@@ -259,15 +388,31 @@ impl Settings {
         toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render: {e}"))
     }
 
-    /// The source with this name.
-    pub fn source(&self, name: &str) -> Result<&SourceSettings, ConfigError> {
-        self.sources.iter().find(|s| s.name == name).ok_or_else(|| {
-            let known: Vec<_> = self.sources.iter().map(|s| s.name.as_str()).collect();
-            ConfigError(vec![format!(
-                "no source named {name:?}; configured: {}",
-                known.join(", ")
-            )])
-        })
+    /// The source with this name: a configured one, or the one a `schema_pattern`
+    /// source names so for a matching schema.
+    pub fn source(&self, name: &str) -> Result<SourceSettings, ConfigError> {
+        if let Some(s) = self.sources.iter().find(|s| s.name == name) {
+            return Ok(s.clone());
+        }
+        for p in &self.patterns {
+            if let Some(schema) = p.schema_of(name) {
+                return Ok(p.source_for(&schema));
+            }
+        }
+        let known: Vec<_> = self
+            .sources
+            .iter()
+            .map(|s| s.name.clone())
+            .chain(
+                self.patterns
+                    .iter()
+                    .map(|p| format!("{} (schemas {})", p.name, p.schema_pattern)),
+            )
+            .collect();
+        Err(ConfigError(vec![format!(
+            "no source named {name:?}; configured: {}",
+            known.join(", ")
+        )]))
     }
 }
 

@@ -12,6 +12,7 @@ impl Settings {
     ) -> Option<Settings> {
         let mut t = Table::new(&mut root, "", errs);
         let database_url: Option<String> = t.opt("database_url");
+        let coordination_url: Option<String> = t.opt("coordination_url");
         let batch_size = t.int("batch_size", 10, 1, 100_000);
         let delete_batch_size = t.int("delete_batch_size", 50, 1, 100_000);
         let in_flight_batches = t.int("in_flight_batches", 4, 1, 64);
@@ -21,6 +22,7 @@ impl Settings {
         let dead_letter_size = t.int("dead_letter_size", 1000, 0, i64::MAX as u64) as i64;
         let operation_timeout = t.duration("operation_timeout", Duration::from_secs(30));
         let enabled = t.get("enabled", true);
+        let discovery_interval = t.duration("discovery_interval", Duration::from_secs(30));
 
         let mut retry_map = t.table("retry");
         let mut r = Table::new(&mut retry_map, "retry.", t.errs);
@@ -72,19 +74,14 @@ impl Settings {
         let raw_sources: Vec<Value> = t.get("sources", Vec::new());
         t.finish();
 
-        let shared_url = database_url
-            .as_deref()
-            .and_then(|u| match DatabaseUrl::parse(u) {
-                Ok(u) => Some(u),
-                Err(e) => {
-                    errs.push(format!("database_url: {e}"));
-                    None
-                }
-            });
+        let shared_url = parse_url("database_url", database_url.as_deref(), errs);
+        let shared_coordination = parse_url("coordination_url", coordination_url.as_deref(), errs);
 
         let mut sources = Vec::new();
+        let mut patterns = Vec::new();
         let mut names = HashSet::new();
         let mut schemas = HashSet::new();
+        let mut coordination: HashMap<String, Option<String>> = HashMap::new();
         for (i, raw) in raw_sources.into_iter().enumerate() {
             let prefix = format!("sources[{i}].");
             let Value::Object(mut map) = raw else {
@@ -95,59 +92,62 @@ impl Settings {
             let name: Option<String> = s.required("name");
             let url: Option<String> = s.opt("database_url");
             let url_env: Option<String> = s.opt("database_url_env");
-            let schema: String = s.get("schema", "outbox".to_string());
+            let coord: Option<String> = s.opt("coordination_url");
+            let coord_env: Option<String> = s.opt("coordination_url_env");
+            let schema: Option<String> = s.opt("schema");
+            let pattern: Option<String> = s.opt("schema_pattern");
             let topic: Option<String> = s.required("topic");
             s.finish();
 
+            if pattern.is_some() && schema.is_some() {
+                errs.push(format!(
+                    "{prefix}schema and {prefix}schema_pattern: set one, not both"
+                ));
+            }
+            let templated = pattern.is_some();
             if let Some(n) = &name {
+                let plain = n.replace(SCHEMA_PLACEHOLDER, "x");
                 if n.is_empty()
-                    || !n
+                    || !plain
                         .chars()
                         .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
                 {
-                    errs.push(format!("{prefix}name: {n:?} must be non-empty and use only letters, digits, '-', '_' and '.'"));
+                    errs.push(format!("{prefix}name: {n:?} must be non-empty and use only letters, digits, '-', '_' and '.'{}", if templated { " (and {schema})" } else { "" }));
+                } else if templated && !n.contains(SCHEMA_PLACEHOLDER) {
+                    errs.push(format!("{prefix}name: {n:?} must contain {{schema}} when schema_pattern is set, so each matching schema's source has its own name"));
+                } else if !templated && n.contains(SCHEMA_PLACEHOLDER) {
+                    errs.push(format!(
+                        "{prefix}name: {{schema}} is only replaced for a schema_pattern source"
+                    ));
                 } else if !names.insert(n.clone()) {
                     errs.push(format!("{prefix}name: {n:?} is used by two sources"));
                 }
             }
-            if !is_identifier(&schema) {
+            if let Some(p) = &pattern {
+                if let Err(e) = SchemaPattern::parse(p) {
+                    errs.push(format!("{prefix}schema_pattern: {e}"));
+                }
+            }
+            let schema = schema.unwrap_or_else(|| "outbox".to_string());
+            if !templated && !is_identifier(&schema) {
                 errs.push(format!("{prefix}schema: {schema:?} is not a plain identifier (lowercase letters, digits and '_', not starting with a digit, at most 63 bytes)"));
             }
             if let Some(t) = &topic {
-                if let Err(e) = validate_topic(t) {
+                if !templated && t.contains(SCHEMA_PLACEHOLDER) {
+                    errs.push(format!(
+                        "{prefix}topic: {{schema}} is only replaced for a schema_pattern source"
+                    ));
+                } else if let Err(e) = validate_topic(&t.replace(SCHEMA_PLACEHOLDER, "x")) {
                     errs.push(format!("{prefix}topic: {e}"));
                 }
             }
-            let url = match (url, url_env) {
-                (Some(_), Some(_)) => {
-                    errs.push(format!(
-                        "{prefix}database_url and {prefix}database_url_env: set one, not both"
-                    ));
-                    None
-                }
-                (Some(u), None) => match DatabaseUrl::parse(&u) {
-                    Ok(u) => Some(u),
-                    Err(e) => {
-                        errs.push(format!("{prefix}database_url: {e}"));
-                        None
-                    }
-                },
-                (None, Some(var)) => match env.get(&var) {
-                    Some(u) => match DatabaseUrl::parse(u) {
-                        Ok(u) => Some(u),
-                        Err(e) => {
-                            errs.push(format!("{prefix}database_url_env: ${var}: {e}"));
-                            None
-                        }
-                    },
-                    None => {
-                        errs.push(format!(
-                            "{prefix}database_url_env: environment variable {var} is not set"
-                        ));
-                        None
-                    }
-                },
-                (None, None) => match &shared_url {
+            let own_url = source_url(&prefix, "database_url", url, url_env, env, errs);
+            let own_coord = source_url(&prefix, "coordination_url", coord, coord_env, env, errs);
+            let uses_shared = matches!(own_url, Ok(None));
+            let url = match own_url {
+                Err(()) => None,
+                Ok(Some(u)) => Some(u),
+                Ok(None) => match &shared_url {
                     Some(u) => Some(u.clone()),
                     None => {
                         if database_url.is_none() {
@@ -157,20 +157,55 @@ impl Settings {
                     }
                 },
             };
+            // A source on the shared database takes the shared coordination URL.
+            let coordination_url = match own_coord {
+                Err(()) => None,
+                Ok(Some(c)) => Some(c),
+                Ok(None) if uses_shared => shared_coordination.clone(),
+                Ok(None) => None,
+            };
             if let Some(u) = &url {
-                if !schemas.insert((u.identity(), schema.clone())) {
+                // One coordination connection per database: its sources must agree on it.
+                let said = coordination_url.as_ref().map(|c| c.to_string());
+                match coordination.get(&u.identity()) {
+                    Some(before) if *before != said => errs.push(format!(
+                        "{prefix}coordination_url: sources of database {} name different coordination URLs; a database has one coordination connection",
+                        u.identity()
+                    )),
+                    _ => {
+                        coordination.insert(u.identity(), said);
+                    }
+                }
+                let key = pattern.clone().unwrap_or_else(|| schema.clone());
+                if !schemas.insert((u.identity(), key.clone())) {
                     errs.push(format!(
-                        "{prefix}schema: {schema:?} in the same database is used by two sources"
+                        "{prefix}schema{}: {key:?} in the same database is used by two sources",
+                        if templated { "_pattern" } else { "" }
                     ));
                 }
             }
-            if let (Some(name), Some(database_url), Some(topic)) = (name, url, topic) {
-                sources.push(SourceSettings {
-                    name,
-                    database_url,
-                    schema,
-                    topic,
-                });
+            match (name, url, topic, pattern) {
+                (Some(name), Some(database_url), Some(topic), None) => {
+                    sources.push(SourceSettings {
+                        name,
+                        database_url,
+                        coordination_url,
+                        schema,
+                        topic,
+                    })
+                }
+                (Some(name), Some(database_url), Some(topic), Some(p)) => {
+                    if let Ok(schema_pattern) = SchemaPattern::parse(&p) {
+                        patterns.push(PatternSettings {
+                            name,
+                            database_url,
+                            coordination_url,
+                            schema_pattern,
+                            topic,
+                        })
+                    }
+                }
+                _ => {}
             }
         }
 
@@ -204,6 +239,9 @@ impl Settings {
         if process_interval.is_zero() {
             errs.push("process_interval: must be greater than zero".into());
         }
+        if discovery_interval < Duration::from_secs(1) {
+            errs.push("discovery_interval: must be at least 1s".into());
+        }
         if retry.backoff_base.is_zero() || retry.backoff_max < retry.backoff_base {
             errs.push(
                 "retry.backoff_base, retry.backoff_max: need 0 < backoff_base <= backoff_max"
@@ -231,7 +269,55 @@ impl Settings {
             health,
             log,
             sources,
+            patterns,
+            discovery_interval,
         })
+    }
+}
+
+/// Parses an optional top-level URL, recording a bad one under `key`.
+fn parse_url(key: &str, url: Option<&str>, errs: &mut Vec<String>) -> Option<DatabaseUrl> {
+    match DatabaseUrl::parse(url?) {
+        Ok(u) => Some(u),
+        Err(e) => {
+            errs.push(format!("{key}: {e}"));
+            None
+        }
+    }
+}
+
+/// A source's own URL from `key` or `key_env` (the name of an environment variable):
+/// `Ok(None)` when it names neither, `Err` when what it names is unusable (recorded).
+fn source_url(
+    prefix: &str,
+    key: &str,
+    url: Option<String>,
+    url_env: Option<String>,
+    env: &HashMap<String, String>,
+    errs: &mut Vec<String>,
+) -> Result<Option<DatabaseUrl>, ()> {
+    match (url, url_env) {
+        (Some(_), Some(_)) => {
+            errs.push(format!(
+                "{prefix}{key} and {prefix}{key}_env: set one, not both"
+            ));
+            Err(())
+        }
+        (Some(u), None) => DatabaseUrl::parse(&u).map(Some).map_err(|e| {
+            errs.push(format!("{prefix}{key}: {e}"));
+        }),
+        (None, Some(var)) => match env.get(&var) {
+            Some(u) => DatabaseUrl::parse(u).map(Some).map_err(|e| {
+                errs.push(format!("{prefix}{key}_env: ${var}: {e}"));
+            }),
+            None => {
+                errs.push(format!(
+                    "{prefix}{key}_env: environment variable {var} is not set"
+                ));
+                Err(())
+            }
+        },
+        (None, None) => Ok(None),
     }
 }
 

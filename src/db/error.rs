@@ -65,6 +65,16 @@ pub enum DbError {
         /// The error and its causes.
         detail: String,
     },
+    /// The coordination connection does not keep a session of its own: a pooler in
+    /// transaction or statement mode hands its statements to whichever server process is
+    /// free, so the session advisory locks and LISTEN the relay needs do not hold.
+    #[error("{what}: the coordination connection does not keep its session ({detail}); session advisory locks and LISTEN need one: point coordination_url at PostgreSQL itself or at a pooler in session mode")]
+    NotASession {
+        /// What the relay was doing.
+        what: String,
+        /// What showed it.
+        detail: String,
+    },
     /// Anything else the server or the driver reported.
     #[error("{what}: {detail}")]
     Other {
@@ -90,6 +100,8 @@ pub enum DbErrorKind {
     Permission,
     /// [`DbError::Row`].
     Row,
+    /// [`DbError::NotASession`].
+    NotASession,
     /// [`DbError::Other`].
     Other,
 }
@@ -104,9 +116,10 @@ impl DbError {
             DbErrorKind::Schema => DbError::Schema { what, detail },
             DbErrorKind::Permission => DbError::Permission { what, detail },
             DbErrorKind::Row => DbError::Row { what, detail },
-            DbErrorKind::NoConnection | DbErrorKind::TimedOut | DbErrorKind::Other => {
-                DbError::Other { what, detail }
-            }
+            DbErrorKind::NoConnection
+            | DbErrorKind::TimedOut
+            | DbErrorKind::NotASession
+            | DbErrorKind::Other => DbError::Other { what, detail },
         }
     }
 
@@ -139,6 +152,14 @@ impl DbError {
         }
     }
 
+    /// The coordination connection shows that it is not a session of its own.
+    pub fn not_a_session(what: impl Into<String>, detail: impl Into<String>) -> DbError {
+        DbError::NotASession {
+            what: what.into(),
+            detail: detail.into(),
+        }
+    }
+
     /// An error of the relay's own making before it reached the server (say, TLS setup).
     pub fn other(what: impl Into<String>, detail: impl Into<String>) -> DbError {
         DbError::Other {
@@ -156,6 +177,7 @@ impl DbError {
             DbError::Schema { .. } => DbErrorKind::Schema,
             DbError::Permission { .. } => DbErrorKind::Permission,
             DbError::Row { .. } => DbErrorKind::Row,
+            DbError::NotASession { .. } => DbErrorKind::NotASession,
             DbError::Other { .. } => DbErrorKind::Other,
         }
     }

@@ -2,9 +2,10 @@
 //!
 //! Invariants:
 //! - no row lock and no open transaction is held while waiting for Kafka;
-//! - one relay process works a source at a time (a session advisory lock on a dedicated
-//!   connection); whoever holds it reads the lowest pending ids, never "after the last
-//!   id seen", so rows that commit late are not skipped;
+//! - one relay process works a source at a time (a session advisory lock, held on its
+//!   database's coordination connection, `crate::database`); whoever holds it reads the
+//!   lowest pending ids, never "after the last id seen", so rows that commit late are
+//!   not skipped;
 //! - a row leaves the outbox only after Kafka acknowledged it, or into the dead-letter
 //!   table in the same transaction that deletes it;
 //! - cancellation is checked between batches, never between "publish" and "settle".
@@ -12,15 +13,13 @@
 //! The way of one event: `store.rs` claims it, `pipeline.rs` hands it to the sink
 //! (`crate::sink`) and files what Kafka said, `holds.rs` keeps its aggregate's later
 //! events back if it failed, `settle.rs` decides retry or dead letter and deletes,
-//! `leadership.rs` holds the lock (one coordination connection per database), `outage.rs` logs what is down, `stats.rs` refreshes
-//! the gauges.
+//! `outage.rs` logs what is down. Who leads the source, and what wakes it when idle,
+//! is its database's business (`crate::database`).
 
 mod holds;
-mod leadership;
-mod outage;
+pub(crate) mod outage;
 mod pipeline;
 mod settle;
-mod stats;
 pub mod store;
 
 use std::sync::Arc;
@@ -33,19 +32,17 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::config::{AfterDeadLetter, Settings, SourceSettings};
+use crate::database::{show_leader, Coordinator};
 use crate::db::DbError;
 use crate::event::Event;
 use crate::health::SourceHealth;
 use crate::metrics::Metrics;
 use crate::sink::{Outgoing, Sink};
 
-pub use leadership::Coordinator;
-use leadership::{show_leader, TAKEOVER_POLL};
-use outage::{Outage, Problem};
+use outage::Outage;
 pub use pipeline::Ended;
 use pipeline::{lead, Landed, Limits, Observers, Pipeline, Ports, SettleOutcome};
 use settle::Settler;
-pub use stats::refresh_stats;
 use store::Store;
 
 /// How long a source that gave itself up for want of a connection leaves its lock to
@@ -114,11 +111,13 @@ impl Source {
         }
     }
 
-    fn name(&self) -> &str {
+    /// Its name.
+    pub fn name(&self) -> &str {
         &self.name
     }
 
-    /// Runs the source until `cancel`: take the lock, lead, and on losing it start over.
+    /// Runs the source until `cancel`: wait for its database's coordinator to give it
+    /// the lock, lead, and when that ends wait again.
     pub async fn run(&self, cancel: CancellationToken) {
         let mut db_outage = Outage::new();
         loop {
@@ -129,90 +128,58 @@ impl Source {
             if !self.relay.enabled {
                 // Disabled: publish nothing and take no lock, so an enabled relay on the
                 // same source (a rollout, a rollback) is never blocked by this one.
-                if wait(
-                    &cancel,
-                    self.relay.process_interval.min(Duration::from_secs(5)),
-                )
-                .await
-                {
-                    return;
-                }
-                continue;
+                self.health.park(true);
+                cancel.cancelled().await;
+                return;
             }
-            let lock = tokio::select! {
-                r = self.coordinator.try_lead(&self.settings.schema) => r,
+            self.health.park(true);
+            let mut leadership = tokio::select! {
+                l = self.coordinator.lead(&self.settings.schema) => l,
                 _ = cancel.cancelled() => return,
             };
-            match lock {
-                Ok(Some(mut leadership)) => {
-                    db_outage.recovered(self.name());
-                    self.show_up(true);
-                    show_leader(&self.health, &self.metrics, self.name(), true);
-                    info!(source = self.name(), "holding the source");
-                    let p = Pipeline::new(self, self.limits(), self.observers(), &mut db_outage);
-                    let ended = lead(p, &mut leadership.notices, &cancel).await;
-                    show_leader(&self.health, &self.metrics, self.name(), false);
-                    drop(leadership);
-                    match ended {
-                        Ended::Cancelled => {
-                            info!(source = self.name(), "released the source");
-                            return;
-                        }
-                        Ended::HandedOver => {
-                            self.metrics
-                                .handovers
-                                .with_label_values(&[self.name()])
-                                .inc();
-                            info!(
-                                source = self.name(),
-                                "handed the source over: another replica takes its share"
-                            );
-                        }
-                        Ended::NoConnection => {
-                            self.metrics.gave_up.with_label_values(&[self.name()]).inc();
-                            warn!(
-                                source = self.name(),
-                                pool_size = self.relay.pool_size,
-                                "gave the source up: no pooled connection was free for its claim; another replica may take it"
-                            );
-                            self.health.set_error(
-                                "gave the source up: no pooled connection free within operation_timeout (raise pool_size?)",
-                            );
-                            // Long enough for a replica with room to take it first.
-                            if wait(&cancel, GIVE_UP_PAUSE).await {
-                                return;
-                            }
-                        }
-                        Ended::LostLock(why) => {
-                            warn!(source = self.name(), error = %why, "lost the source's lock; trying to take it again");
-                            self.health.set_error(format!("lost lock: {why}"));
-                        }
-                    }
+            self.health.park(false);
+            db_outage.recovered(self.name());
+            self.show_up(true);
+            show_leader(&self.health, &self.metrics, self.name(), true);
+            info!(source = self.name(), "holding the source");
+            let p = Pipeline::new(self, self.limits(), self.observers(), &mut db_outage);
+            let ended = lead(p, &mut leadership.notices, &cancel).await;
+            show_leader(&self.health, &self.metrics, self.name(), false);
+            drop(leadership);
+            match ended {
+                Ended::Cancelled => {
+                    info!(source = self.name(), "released the source");
+                    return;
                 }
-                Ok(None) => {
-                    db_outage.recovered(self.name());
-                    self.show_up(true);
-                    if wait(&cancel, TAKEOVER_POLL).await {
-                        return;
-                    }
-                }
-                Err(e) => {
-                    self.show_up(false);
+                Ended::HandedOver => {
                     self.metrics
-                        .poll_errors
+                        .handovers
                         .with_label_values(&[self.name()])
                         .inc();
-                    let text = e.to_string();
-                    self.health.set_error(text.clone());
-                    let pause = db_outage.failed(
-                        self.name(),
-                        Problem::of(&e),
-                        &text,
-                        self.relay.retry.backoff_base,
+                    info!(
+                        source = self.name(),
+                        "handed the source over: another replica takes its share"
                     );
-                    if wait(&cancel, pause).await {
+                }
+                Ended::NoConnection => {
+                    self.metrics.gave_up.with_label_values(&[self.name()]).inc();
+                    warn!(
+                        source = self.name(),
+                        pool_size = self.relay.pool_size,
+                        "gave the source up: no pooled connection was free for its claim; another replica may take it"
+                    );
+                    self.health.set_error(
+                        "gave the source up: no pooled connection free within operation_timeout (raise pool_size?)",
+                    );
+                    // Long enough for a replica with room to take it first.
+                    self.health.park(true);
+                    if wait(&cancel, GIVE_UP_PAUSE).await {
                         return;
                     }
+                }
+                Ended::LostLock(why) => {
+                    warn!(source = self.name(), error = %why, "lost the source's lock; waiting to lead it again");
+                    self.health.set_error(format!("lost lock: {why}"));
                 }
             }
         }
@@ -240,7 +207,6 @@ impl Source {
         Limits {
             batch_size: self.relay.batch_size,
             in_flight: self.relay.in_flight_batches,
-            process_interval: self.relay.process_interval,
             delete_batch_size: self.relay.delete_batch_size,
             retry: self.relay.retry.clone(),
         }

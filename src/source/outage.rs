@@ -44,6 +44,7 @@ impl Problem {
             DbErrorKind::Schema => ("outbox tables", "not as expected", false),
             DbErrorKind::Permission => ("postgres", "refuses the relay's role", false),
             DbErrorKind::Row => ("outbox row", "unreadable", false),
+            DbErrorKind::NotASession => ("coordination connection", "not a session", false),
             DbErrorKind::Other => ("postgres", "failing", true),
         };
         Problem {
@@ -51,6 +52,23 @@ impl Problem {
             problem,
             transient,
             effect: "holding events",
+        }
+    }
+
+    /// The same problem met by the database's look for pending rows, which wakes idle
+    /// sources: the sources that lead learn of it from their own claims.
+    pub fn looking(self) -> Problem {
+        Problem {
+            effect: "idle sources wake only on notifications",
+            ..self
+        }
+    }
+
+    /// The same problem met while listing the schemas of `schema_pattern` sources.
+    pub fn discovering(self) -> Problem {
+        Problem {
+            effect: "pattern sources not added or removed",
+            ..self
         }
     }
 
@@ -63,12 +81,26 @@ impl Problem {
     }
 }
 
-/// One kind of outage of one source (Kafka, or PostgreSQL).
+/// One kind of outage of one source (Kafka, or PostgreSQL), or of one database's
+/// coordination connection.
 pub struct Outage {
     since: Option<Instant>,
     last_log: Instant,
     attempts: u32,
     last: Option<Problem>,
+    /// Whose outage it is: logged as `database` if true, else as `source`.
+    of_database: bool,
+}
+
+/// A log line with the outage's owner as `source` or `database`.
+macro_rules! said {
+    ($level:ident, $outage:expr, $who:expr, $($rest:tt)*) => {
+        if $outage.of_database {
+            $level!(database = $who, $($rest)*)
+        } else {
+            $level!(source = $who, $($rest)*)
+        }
+    };
 }
 
 impl Default for Outage {
@@ -78,13 +110,22 @@ impl Default for Outage {
 }
 
 impl Outage {
-    /// No outage.
+    /// No outage of a source.
     pub fn new() -> Outage {
         Outage {
             since: None,
             last_log: Instant::now(),
             attempts: 0,
             last: None,
+            of_database: false,
+        }
+    }
+
+    /// No outage of a database (its coordination connection, its discovery).
+    pub fn database() -> Outage {
+        Outage {
+            of_database: true,
+            ..Outage::new()
         }
     }
 
@@ -105,11 +146,19 @@ impl Outage {
                     "it is fixed"
                 };
                 let effect = what.effect;
-                warn!(source, error, "{subject} {problem}: {effect} until {until}");
+                said!(
+                    warn,
+                    self,
+                    source,
+                    error,
+                    "{subject} {problem}: {effect} until {until}"
+                );
             }
             Some(since) if changed || self.last_log.elapsed() >= OUTAGE_REMINDER => {
                 self.last_log = Instant::now();
-                warn!(
+                said!(
+                    warn,
+                    self,
                     source,
                     error,
                     down_for_s = since.elapsed().as_secs(),
@@ -117,7 +166,7 @@ impl Outage {
                     "{subject} still {problem}"
                 );
             }
-            Some(_) => debug!(source, error, "{subject} still {problem}"),
+            Some(_) => said!(debug, self, source, error, "{subject} still {problem}"),
         }
         backoff_jittered(
             self.attempts,
@@ -134,7 +183,9 @@ impl Outage {
             } else {
                 "working again"
             };
-            info!(
+            said!(
+                info,
+                self,
                 source,
                 down_for_s = since.elapsed().as_secs_f64(),
                 attempts = self.attempts,

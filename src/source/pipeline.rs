@@ -1,5 +1,9 @@
 //! The lead loop of one source, as a state machine: claim, hand over, land, settle.
 //!
+//! An idle source polls nothing: a committed row's notification, or the database's
+//! look for pending rows every `process_interval` (one statement for all its
+//! sources, `crate::database`), wakes it.
+//!
 //! Pipelined: up to `in_flight_batches` batches are with the producer at once; while
 //! they wait for Kafka's acknowledgements the next batch is claimed (excluding every id
 //! still with the producer or not yet deleted) and landed batches are settled (deleted,
@@ -114,7 +118,6 @@ pub struct Pipeline<'a, P: Ports> {
     settles_done: u64,
     holds: Holds,
     gate: Gate,
-    poll_at: Instant,
     listening: bool,
 }
 
@@ -127,7 +130,6 @@ impl<'a, P: Ports> Pipeline<'a, P> {
         db_outage: &'a mut Outage,
     ) -> Pipeline<'a, P> {
         let (publish_hist, batch_hist, e2e_hist) = obs.metrics.source_histograms(obs.name);
-        let poll_at = Instant::now() + limits.process_interval;
         Pipeline {
             ports,
             limits,
@@ -152,13 +154,8 @@ impl<'a, P: Ports> Pipeline<'a, P> {
             settles_done: 0,
             holds: Holds::default(),
             gate: Gate::default(),
-            poll_at,
             listening: true,
         }
-    }
-
-    fn name(&self) -> &str {
-        self.obs.name
     }
 
     /// Ending, and nothing is left out: the reason. While ending, nothing new goes out.
@@ -231,7 +228,7 @@ impl<'a, P: Ports> Pipeline<'a, P> {
         #[cfg(feature = "test-hooks")]
         {
             if self.obs.hooks.panic_once.swap(false, Ordering::Relaxed) {
-                panic!("injected panic in source {}", self.name());
+                panic!("injected panic in source {}", self.obs.name);
             }
             while self.obs.hooks.stall.load(Ordering::Relaxed) {
                 tokio::select! {
@@ -251,7 +248,6 @@ impl<'a, P: Ports> Pipeline<'a, P> {
                     .flat_map(|r| r.events.iter().map(|e| e.id)),
             )
             .collect();
-        self.poll_at = Instant::now() + self.limits.process_interval;
         self.claim = ClaimSlot::Running {
             task: self.ports.claim(exclude),
             gen: self.settles_done,
@@ -540,12 +536,6 @@ impl<'a, P: Ports> Pipeline<'a, P> {
         }
     }
 
-    /// `process_interval` passed without a claim.
-    fn on_poll(&mut self) {
-        self.want_claim = true;
-        self.poll_at = Instant::now() + self.limits.process_interval;
-    }
-
     /// A pause ended.
     fn on_resume(&mut self) {
         self.gate.paused_until = None;
@@ -628,18 +618,26 @@ pub async fn lead<P: Ports>(
         }
         p.hand_over_ready();
         p.start_settle();
-        let poll_at = p.poll_at;
-        let poll_armed = p.gate.ending.is_none() && !p.claim.is_running();
         let paused_until = p.gate.paused_until;
         let defer_until = p.landed_since + SETTLE_DEFER_MAX;
         let defer_armed = !p.settling.is_running() && !p.landed.is_empty() && p.claim.is_running();
         let ending = p.gate.ending.is_some();
+        // Nothing out, nothing running, no timer: only a wake-up (a notification, the
+        // database's look for pending rows) or the end of the lead comes next. A parked
+        // task is idle, not stuck.
+        p.obs.health.park(
+            p.flights.is_empty()
+                && !p.claim.is_running()
+                && !p.settling.is_running()
+                && p.landed.is_empty()
+                && paused_until.is_none()
+                && p.ready.is_empty(),
+        );
         tokio::select! {
             Some(f) = p.flights.next(), if !p.flights.is_empty() => p.on_landed(f),
             c = p.claim.wait(), if p.claim.is_running() => p.on_claimed(c),
             s = p.settling.wait(), if p.settling.is_running() => p.on_settled(s),
             n = notices.recv(), if p.listening => p.on_notice(n),
-            _ = tokio::time::sleep_until(poll_at), if poll_armed => p.on_poll(),
             _ = tokio::time::sleep_until(paused_until.unwrap_or_else(Instant::now)),
                 if paused_until.is_some() => p.on_resume(),
             _ = tokio::time::sleep_until(defer_until), if defer_armed => {}

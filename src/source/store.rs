@@ -48,6 +48,8 @@ pub struct Store {
     park: String,
     dead_letter_count: String,
     dead_letter_move: String,
+    /// Whether a row may be claimed now.
+    ready: String,
     stats: String,
 }
 
@@ -183,6 +185,10 @@ impl Store {
                      headers, correlation_id, idempotency_token, created_at, 'dead', retry_count, \
                      max_retries, last_error, next_attempt_at, published_at, now(), dl_error \
                  FROM moved"
+            ),
+            ready: format!(
+                "EXISTS (SELECT 1 FROM {s}.outbox \
+                 WHERE next_attempt_at IS NULL OR next_attempt_at <= now())"
             ),
             stats: format!(
                 "(SELECT count(*) FROM {s}.outbox), \
@@ -333,6 +339,17 @@ impl Store {
             .map_err(pg)?;
         let row = client.query_one(&stmt, &[]).await.map_err(pg)?;
         Stats::of(&row)
+    }
+
+    /// One statement that returns the index of each store in `stores` with a row to
+    /// claim now (the look that wakes idle sources).
+    pub fn ready_of_all(stores: &[&Store]) -> String {
+        stores
+            .iter()
+            .enumerate()
+            .map(|(i, s)| format!("SELECT {i}::int4 WHERE {}", s.ready))
+            .collect::<Vec<_>>()
+            .join(" UNION ALL ")
     }
 
     /// One statement for the counts of every store in `stores`, one row each, tagged

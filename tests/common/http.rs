@@ -68,3 +68,21 @@ fn dechunk(body: &str) -> String {
     }
     out
 }
+
+/// The `/health/deep` check of the database that holds source `name`.
+pub fn database_check(deep: &serde_json::Value, name: &str) -> serde_json::Value {
+    deep["checks"]
+        .as_array()
+        .expect("checks")
+        .iter()
+        .find(|c| {
+            c["component"]
+                .as_str()
+                .is_some_and(|s| s.starts_with("database:"))
+                && c["details"]["sources"]
+                    .as_array()
+                    .is_some_and(|a| a.iter().any(|n| n == name))
+        })
+        .unwrap_or_else(|| panic!("no database check lists source {name}: {deep}"))
+        .clone()
+}

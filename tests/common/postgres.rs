@@ -72,7 +72,7 @@ fn pg_tool(name: &str) -> PathBuf {
 
 /// `Some((uid, gid))` of the `postgres` system user when we run as root (initdb/postgres
 /// refuse to run as root); `None` when we are an ordinary user and can run them directly.
-fn pg_os_user() -> Option<(u32, u32)> {
+pub(crate) fn pg_os_user() -> Option<(u32, u32)> {
     static IDS: OnceLock<Option<(u32, u32)>> = OnceLock::new();
     *IDS.get_or_init(|| {
         let me = fs::metadata("/proc/self").map(|m| m.uid()).unwrap_or(1);
@@ -237,6 +237,27 @@ impl PgServer {
     /// Server log (stderr of postgres), handy in assertion messages.
     pub fn log_tail(&self, lines: usize) -> String {
         tail(&self.log, lines)
+    }
+
+    /// Where the server log ends now, for [`PgServer::log_since`].
+    pub fn log_mark(&self) -> u64 {
+        fs::metadata(&self.log).map(|m| m.len()).unwrap_or(0)
+    }
+
+    /// What the server logged after `mark`.
+    pub fn log_since(&self, mark: u64) -> String {
+        let bytes = fs::read(&self.log).unwrap_or_default();
+        String::from_utf8_lossy(bytes.get(mark as usize..).unwrap_or_default()).into_owned()
+    }
+
+    /// Logs every statement (and every connection) from now on, to count what the
+    /// relay asks of the server: `statements_in` reads them back.
+    pub fn log_statements(&self) {
+        self.psql(
+            "postgres",
+            "ALTER SYSTEM SET log_statement = 'all'; ALTER SYSTEM SET log_connections = on; \
+             SELECT pg_reload_conf()",
+        );
     }
 
     /// `CREATE DATABASE "name"`.

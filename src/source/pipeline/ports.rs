@@ -1,8 +1,6 @@
 //! What the pipeline asks of the world ([`Ports`]: PostgreSQL's claims and settles,
 //! Kafka's hand-over), and what it hands back.
 
-use std::time::Duration;
-
 use futures::future::BoxFuture;
 
 use super::Settlement;
@@ -75,8 +73,6 @@ pub struct Limits {
     pub batch_size: usize,
     /// `in_flight_batches`: batches with the producer at once.
     pub in_flight: usize,
-    /// `process_interval`: the longest wait between claims without a wake-up.
-    pub process_interval: Duration,
     /// `delete_batch_size`: delivered rows worth a settle without waiting.
     pub delete_batch_size: usize,
     /// `[retry]`: what a failure does to its event, and the outage backoff's base.

@@ -128,7 +128,6 @@ fn limits(batch_size: usize, in_flight: usize) -> Limits {
     Limits {
         batch_size,
         in_flight,
-        process_interval: Duration::from_secs(3600),
         delete_batch_size: 100,
         retry: RetrySettings {
             backoff_base: Duration::from_millis(100),

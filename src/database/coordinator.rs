@@ -1,0 +1,688 @@
+//! Who leads which source: one coordination connection per database and replica.
+//!
+//! A replica leads a source while it holds the source's session advisory lock. Every
+//! lock a replica holds in a database is on that database's one coordination
+//! connection, which also LISTENs once and hands each wake-up to the source it names.
+//! The [`Coordinator`] runs one loop per database: once a second (and whenever a source
+//! of this replica starts waiting) it counts the replicas and sees which locks anyone
+//! holds, in one look at `pg_locks`; hands over what this replica leads beyond its
+//! share; and takes free sources up to its share in one statement. Source tasks only
+//! wait for a [`Leadership`] ([`Coordinator::lead`]): following costs no statement, no
+//! session and no timer per source.
+//!
+//! Replicas share the sources. Each holds a membership lock (its own key of a second
+//! advisory-lock class) on its coordination connection, so PostgreSQL itself knows who
+//! is alive; with R members a replica takes at most ceil(N / R) of a database's N
+//! sources, and one that leads more than that (a replica joined) asks the excess to
+//! hand over: they stop claiming, let what is out land and settle, then unlock, and
+//! the other replicas take them at their next look.
+//!
+//! The locks live exactly as long as the connection: a relay that dies or is cut off
+//! releases them as soon as PostgreSQL notices (the connection asks the server for TCP
+//! keepalives and a user timeout). A connection that does not answer the count within
+//! `operation_timeout` of the last answer is given up, and every source led over it
+//! stops claiming, before the server can have freed their locks for another replica.
+//!
+//! A pooler in transaction mode between the relay and PostgreSQL would hand the
+//! connection's statements to any server process: the locks would be held by a process
+//! the relay no longer talks to. A new connection is refused when a second connection
+//! to the same URL is served by the same server process, and a live one is given up
+//! when its membership lock is not held by the process answering the count.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rand::seq::SliceRandom;
+use serde::Serialize;
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+use tokio::sync::{oneshot, Notify};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use crate::db::{DatabaseUrl, DbError, Notice};
+use crate::health::SourceHealth;
+use crate::metrics::Metrics;
+use crate::migrate::LOCK_CLASS;
+use crate::source::outage::{Outage, Problem};
+
+/// How often the members are counted, which also proves the connection still answers.
+pub const MEMBERSHIP_POLL: Duration = Duration::from_secs(1);
+/// The advisory-lock class of the replicas' membership locks (key: a slot number).
+const MEMBER_CLASS: i32 = LOCK_CLASS + 1;
+/// Live members of this database (the membership locks granted), the keys of the
+/// source locks held by anyone, and whether this connection's own membership lock
+/// (`$3`) is held by the server process answering: one look at pg_locks.
+const COUNT_MEMBERS: &str = "SELECT count(*) FILTER (WHERE classid = $1::int4::oid), \
+     COALESCE(array_agg(objid::int8) FILTER (WHERE classid = $2::int4::oid), '{}'), \
+     count(*) FILTER (WHERE classid = $1::int4::oid AND objid = $3::int4::oid \
+         AND pid = pg_backend_pid()) \
+     FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid = 2 \
+     AND database = (SELECT oid FROM pg_database WHERE datname = current_database())";
+/// The key of each schema's source lock, as every version of the relay computes it.
+const LOCK_KEYS: &str = "SELECT k, hashtext('relay:' || k) FROM unnest($1::text[]) AS k";
+/// Takes what it can of the source locks `$2`; returns the keys it got.
+const LOCK_MANY: &str = "SELECT k FROM unnest($2::int4[]) AS k WHERE pg_try_advisory_lock($1, k)";
+const UNLOCK: &str = "SELECT pg_advisory_unlock($1, $2)";
+
+/// The coordination of one database's sources by this replica.
+pub struct Coordinator {
+    url: DatabaseUrl,
+    /// The database, as metrics and logs name it.
+    database: String,
+    timeout: Duration,
+    metrics: Arc<Metrics>,
+    /// The database's sources, by schema.
+    entries: Mutex<BTreeMap<String, Entry>>,
+    /// A source started waiting, or one was added or removed: look again now.
+    kick: Notify,
+    session: Mutex<Option<Arc<Session>>>,
+    /// Why the coordination connection is down, while it is.
+    error: Mutex<Option<String>>,
+}
+
+/// One source as the coordinator knows it.
+struct Entry {
+    name: Arc<str>,
+    health: Arc<SourceHealth>,
+    /// Its lock's key, once the server said it.
+    key: Option<i32>,
+    /// Its task, waiting to lead.
+    waiting: Option<oneshot::Sender<Leadership>>,
+}
+
+/// What `/health/deep` shows of a database's coordination.
+#[derive(Debug, Clone, Serialize)]
+pub struct CoordinationStatus {
+    /// Whether the coordination connection is up.
+    pub up: bool,
+    /// Replicas alive at the last count.
+    pub replicas: Option<usize>,
+    /// Sources of this database.
+    pub sources: usize,
+    /// Sources this replica leads.
+    pub led: usize,
+    /// Why the connection is down.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// The statements a coordination connection runs over and over, prepared once (an
+/// unprepared statement costs a second round trip, and the server a second transaction).
+struct Statements {
+    lock_many: tokio_postgres::Statement,
+    unlock: tokio_postgres::Statement,
+    count: tokio_postgres::Statement,
+}
+
+/// One coordination connection.
+struct Session {
+    client: tokio_postgres::Client,
+    statements: Statements,
+    /// Its membership lock's key.
+    slot: i32,
+    /// Wake-ups and the connection's end, for each schema this replica leads.
+    subscribers: Mutex<HashMap<String, UnboundedSender<Notice>>>,
+    /// The schemas whose lock this session holds, and their keys (advisory locks nest
+    /// in a session: a second `pg_try_advisory_lock` would need a second unlock).
+    held: Mutex<HashMap<String, i32>>,
+    /// Leads being handed over, not to be asked twice.
+    releasing: Mutex<HashSet<String>>,
+    /// Replicas alive at the last count (at least this one).
+    members: AtomicUsize,
+    /// The source-lock keys (`pg_locks.objid`) somebody held at the last count.
+    taken: Mutex<HashSet<i64>>,
+    /// Cancelled when the connection ended or stopped answering.
+    closed: CancellationToken,
+}
+
+/// The lock of one source, held. Dropping it unlocks the source (or, if the connection
+/// is gone, there is nothing left to unlock).
+pub struct Leadership {
+    session: Arc<Session>,
+    schema: String,
+    key: i32,
+    /// The source's wake-ups; says `Closed` when the connection is lost.
+    pub notices: UnboundedReceiver<Notice>,
+}
+
+impl Coordinator {
+    /// The coordinator of the database behind `url` (its coordination URL), named
+    /// `database` in metrics and logs; connects once a source is registered.
+    pub fn new(
+        url: DatabaseUrl,
+        database: String,
+        timeout: Duration,
+        metrics: Arc<Metrics>,
+    ) -> Coordinator {
+        Coordinator {
+            url,
+            database,
+            timeout,
+            metrics,
+            entries: Mutex::default(),
+            kick: Notify::new(),
+            session: Mutex::default(),
+            error: Mutex::default(),
+        }
+    }
+
+    /// Adds a source of this database.
+    pub fn register(&self, schema: &str, name: Arc<str>, health: Arc<SourceHealth>) {
+        lock(&self.entries).insert(
+            schema.to_string(),
+            Entry {
+                name,
+                health,
+                key: None,
+                waiting: None,
+            },
+        );
+        self.kick.notify_one();
+    }
+
+    /// Removes a source (its schema is gone); its task has ended.
+    pub fn forget(&self, schema: &str) {
+        lock(&self.entries).remove(schema);
+        self.kick.notify_one();
+    }
+
+    /// Waits until this replica leads the source of `schema`.
+    pub async fn lead(&self, schema: &str) -> Leadership {
+        let (tx, rx) = oneshot::channel();
+        let registered = match lock(&self.entries).get_mut(schema) {
+            Some(e) => {
+                e.waiting = Some(tx);
+                true
+            }
+            None => false,
+        };
+        if !registered {
+            return std::future::pending().await;
+        }
+        self.kick.notify_one();
+        match rx.await {
+            Ok(l) => l,
+            Err(_) => std::future::pending().await,
+        }
+    }
+
+    /// Wakes the source of `schema` if this replica leads it (its outbox has rows).
+    pub fn wake(&self, schema: &str) {
+        if let Some(s) = self.live() {
+            if let Some(tx) = lock(&s.subscribers).get(schema) {
+                let _ = tx.send(Notice::Notify(schema.to_string()));
+            }
+        }
+    }
+
+    /// Replicas alive at the last count, if the coordination connection is up.
+    pub fn members(&self) -> Option<usize> {
+        self.live().map(|s| s.members())
+    }
+
+    /// The coordination as `/health/deep` shows it.
+    pub fn status(&self) -> CoordinationStatus {
+        let live = self.live();
+        CoordinationStatus {
+            up: live.is_some(),
+            replicas: live.as_ref().map(|s| s.members()),
+            sources: lock(&self.entries).len(),
+            led: live.as_ref().map_or(0, |s| lock(&s.held).len()),
+            error: lock(&self.error).clone(),
+        }
+    }
+
+    fn live(&self) -> Option<Arc<Session>> {
+        lock(&self.session)
+            .as_ref()
+            .filter(|s| !s.closed.is_cancelled())
+            .cloned()
+    }
+
+    /// Coordinates until `cancel`: keeps the connection, counts the replicas, hands
+    /// over the excess, takes free sources up to this replica's share. While the
+    /// connection cannot be had, says why in every waiting source's health and pauses
+    /// as an outage does (from `backoff_base`).
+    pub async fn run(self: Arc<Self>, backoff_base: Duration, cancel: CancellationToken) {
+        let mut outage = Outage::database();
+        // The count answers within the rest of operation_timeout, so a connection that
+        // stops answering is given up within operation_timeout of its last answer.
+        let deadline = self
+            .timeout
+            .saturating_sub(MEMBERSHIP_POLL)
+            .max(MEMBERSHIP_POLL);
+        loop {
+            if lock(&self.entries).is_empty() {
+                tokio::select! {
+                    _ = self.kick.notified() => continue,
+                    _ = cancel.cancelled() => return,
+                }
+            }
+            let round = tokio::select! {
+                r = self.round(deadline) => r,
+                _ = cancel.cancelled() => return,
+            };
+            let (pause, closed) = match round {
+                Ok(session) => {
+                    outage.recovered(&self.database);
+                    *lock(&self.error) = None;
+                    self.show(Some(&session));
+                    (None, session.closed.clone())
+                }
+                Err(e) => {
+                    let text = e.to_string();
+                    if let Some(s) = lock(&self.session).take() {
+                        s.lost(&text);
+                    }
+                    self.failed(&text);
+                    self.show(None);
+                    let pause = outage.failed(&self.database, Problem::of(&e), &text, backoff_base);
+                    (Some(pause), CancellationToken::new())
+                }
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(pause.unwrap_or(MEMBERSHIP_POLL)) => {}
+                _ = self.kick.notified(), if pause.is_none() => {}
+                _ = closed.cancelled() => {}
+                _ = cancel.cancelled() => return,
+            }
+        }
+    }
+
+    /// One look: the connection (opened if there is none), the count, the handovers,
+    /// the takeovers.
+    async fn round(&self, deadline: Duration) -> Result<Arc<Session>, DbError> {
+        let session = match self.live() {
+            Some(s) => s,
+            None => {
+                let s = Session::open(&self.url, self.timeout).await?;
+                *lock(&self.session) = Some(s.clone());
+                s
+            }
+        };
+        self.learn_keys(&session, deadline).await?;
+        session.count_members(deadline).await?;
+        session.rebalance(lock(&self.entries).len());
+        self.take_free(&session, deadline).await?;
+        Ok(session)
+    }
+
+    /// Asks the server for the lock keys of sources added since the last look.
+    async fn learn_keys(&self, session: &Session, deadline: Duration) -> Result<(), DbError> {
+        let missing: Vec<String> = lock(&self.entries)
+            .iter()
+            .filter(|(_, e)| e.key.is_none())
+            .map(|(s, _)| s.clone())
+            .collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let rows = bounded(
+            "lock keys",
+            deadline,
+            session.client.query(LOCK_KEYS, &[&missing]),
+        )
+        .await?;
+        let mut entries = lock(&self.entries);
+        for r in &rows {
+            let schema: String = r.try_get(0).map_err(|e| DbError::pg("lock keys", &e))?;
+            let key: i32 = r.try_get(1).map_err(|e| DbError::pg("lock keys", &e))?;
+            if let Some(e) = entries.get_mut(&schema) {
+                e.key = Some(key);
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes free sources whose tasks wait, up to this replica's share, in one
+    /// statement, and hands each its [`Leadership`].
+    async fn take_free(&self, session: &Arc<Session>, deadline: Duration) -> Result<(), DbError> {
+        let candidates: Vec<(String, i32)> = {
+            let mut entries = lock(&self.entries);
+            let held = lock(&session.held);
+            let room = session.share(entries.len()).saturating_sub(held.len());
+            if room == 0 {
+                return Ok(());
+            }
+            let taken = lock(&session.taken);
+            let mut free: Vec<(String, i32)> = entries
+                .iter_mut()
+                .filter(|(s, e)| {
+                    e.waiting.as_ref().is_some_and(|w| !w.is_closed()) && !held.contains_key(*s)
+                })
+                .filter_map(|(s, e)| Some((s.clone(), e.key?)))
+                .filter(|(_, k)| !taken.contains(&objid(*k)))
+                .collect();
+            // Replicas that look at the same moment mostly ask for different sources.
+            free.shuffle(&mut rand::rng());
+            free.truncate(room);
+            free
+        };
+        if candidates.is_empty() {
+            return Ok(());
+        }
+        let keys: Vec<i32> = candidates.iter().map(|(_, k)| *k).collect();
+        let rows = bounded(
+            "advisory locks",
+            deadline,
+            session
+                .client
+                .query(&session.statements.lock_many, &[&LOCK_CLASS, &keys]),
+        )
+        .await?;
+        let got: HashSet<i32> = rows.iter().filter_map(|r| r.try_get(0).ok()).collect();
+        for (schema, key) in candidates.into_iter().filter(|(_, k)| got.contains(k)) {
+            let leadership = session.clone().leadership(schema.clone(), key);
+            let waiting = lock(&self.entries)
+                .get_mut(&schema)
+                .and_then(|e| e.waiting.take());
+            if let Some(tx) = waiting {
+                // A task that stopped waiting drops the lead, which unlocks it.
+                let _ = tx.send(leadership);
+            }
+        }
+        Ok(())
+    }
+
+    /// The connection cannot be had: every source not led says why.
+    fn failed(&self, text: &str) {
+        *lock(&self.error) = Some(text.to_string());
+        for e in lock(&self.entries).values() {
+            if e.health.is_leader() {
+                continue;
+            }
+            e.health.set_error(text);
+            self.metrics.source_up.with_label_values(&[&e.name]).set(0);
+            self.metrics.poll_errors.with_label_values(&[&e.name]).inc();
+        }
+    }
+
+    /// The database's gauges, and the followers' `source_up` once the connection works.
+    fn show(&self, session: Option<&Arc<Session>>) {
+        let db = [self.database.as_str()];
+        let m = &self.metrics;
+        m.coordination_up
+            .with_label_values(&db)
+            .set(session.is_some() as i64);
+        m.sources_led
+            .with_label_values(&db)
+            .set(session.map_or(0, |s| lock(&s.held).len()) as i64);
+        if let Some(s) = session {
+            m.replicas.with_label_values(&db).set(s.members() as i64);
+            for e in lock(&self.entries).values() {
+                if !e.health.is_leader() {
+                    m.source_up.with_label_values(&[&e.name]).set(1);
+                }
+            }
+        }
+    }
+}
+
+impl Session {
+    /// Connects, makes sure the connection is a session of its own, LISTENs, takes a
+    /// membership slot, prepares its statements, and starts the task that hands out
+    /// wake-ups.
+    async fn open(url: &DatabaseUrl, timeout: Duration) -> Result<Arc<Session>, DbError> {
+        let (client, mut messages) = url.connect(timeout).await?;
+        check_own_session(url, &client, timeout).await?;
+        bounded(
+            "listen",
+            timeout,
+            client.batch_execute("LISTEN outbox_relay"),
+        )
+        .await?;
+        let mut slot = 0i32;
+        loop {
+            let row = bounded(
+                "membership lock",
+                timeout,
+                client.query_one(
+                    "SELECT pg_try_advisory_lock($1, $2)",
+                    &[&MEMBER_CLASS, &slot],
+                ),
+            )
+            .await?;
+            if row
+                .try_get::<_, bool>(0)
+                .map_err(|e| DbError::pg("membership lock", &e))?
+            {
+                break;
+            }
+            slot += 1;
+        }
+        let statements = Statements {
+            lock_many: bounded("prepare", timeout, client.prepare(LOCK_MANY)).await?,
+            unlock: bounded("prepare", timeout, client.prepare(UNLOCK)).await?,
+            count: bounded("prepare", timeout, client.prepare(COUNT_MEMBERS)).await?,
+        };
+        let session = Arc::new(Session {
+            client,
+            statements,
+            slot,
+            subscribers: Mutex::default(),
+            held: Mutex::default(),
+            releasing: Mutex::default(),
+            members: AtomicUsize::new(1),
+            taken: Mutex::default(),
+            closed: CancellationToken::new(),
+        });
+        debug!(slot, "joined as a relay replica");
+        let s = Arc::downgrade(&session);
+        let closed = session.closed.clone();
+        tokio::spawn(async move {
+            // One delivery per notification, to the source whose schema it names.
+            let why = loop {
+                tokio::select! {
+                    m = messages.recv() => match m {
+                        Some(Notice::Notify(schema)) => {
+                            let Some(s) = s.upgrade() else { return };
+                            let subscriber = lock(&s.subscribers).get(&schema).cloned();
+                            if let Some(tx) = subscriber {
+                                let _ = tx.send(Notice::Notify(schema));
+                            }
+                        }
+                        Some(Notice::HandOver) => {}
+                        Some(Notice::Closed(why)) => break why,
+                        None => break "connection closed".to_string(),
+                    },
+                    _ = closed.cancelled() => return,
+                }
+            };
+            if let Some(s) = s.upgrade() {
+                s.lost(&why);
+            }
+        });
+        Ok(session)
+    }
+
+    /// Counts the live replicas and sees which source locks are held; fails when the
+    /// connection does not answer in time or its membership lock is not its own.
+    async fn count_members(&self, deadline: Duration) -> Result<(), DbError> {
+        let pg = |e: tokio_postgres::Error| DbError::pg("count members", &e);
+        let row = bounded(
+            "count members",
+            deadline,
+            self.client.query_one(
+                &self.statements.count,
+                &[&MEMBER_CLASS, &LOCK_CLASS, &self.slot],
+            ),
+        )
+        .await?;
+        let n: i64 = row.try_get(0).map_err(pg)?;
+        let held: Vec<i64> = row.try_get(1).map_err(pg)?;
+        let own: i64 = row.try_get(2).map_err(pg)?;
+        if own != 1 {
+            return Err(DbError::not_a_session(
+                "count members",
+                "the server process answering does not hold this connection's membership lock",
+            ));
+        }
+        self.members.store((n as usize).max(1), Ordering::Relaxed);
+        *lock(&self.taken) = held.into_iter().collect();
+        Ok(())
+    }
+
+    fn members(&self) -> usize {
+        self.members.load(Ordering::Relaxed)
+    }
+
+    /// How many of the database's `sources` this replica may lead: ceil(N / R).
+    fn share(&self, sources: usize) -> usize {
+        sources.div_ceil(self.members())
+    }
+
+    /// Leading more than the share (a replica joined): asks the excess to hand over.
+    fn rebalance(&self, sources: usize) {
+        let share = self.share(sources);
+        let held = lock(&self.held);
+        let mut releasing = lock(&self.releasing);
+        let keeping = held.len().saturating_sub(releasing.len());
+        if keeping <= share {
+            return;
+        }
+        let subscribers = lock(&self.subscribers);
+        let mut candidates: Vec<&String> =
+            held.keys().filter(|s| !releasing.contains(*s)).collect();
+        candidates.sort_unstable();
+        for schema in candidates.into_iter().rev().take(keeping - share) {
+            if let Some(tx) = subscribers.get(schema) {
+                if tx.send(Notice::HandOver).is_ok() {
+                    releasing.insert(schema.clone());
+                }
+            }
+        }
+    }
+
+    /// The lead of a source whose lock this session just took.
+    fn leadership(self: Arc<Self>, schema: String, key: i32) -> Leadership {
+        lock(&self.held).insert(schema.clone(), key);
+        let (tx, notices) = unbounded_channel();
+        if self.closed.is_cancelled() {
+            let _ = tx.send(Notice::Closed("coordination connection closed".into()));
+        }
+        lock(&self.subscribers).insert(schema.clone(), tx);
+        Leadership {
+            session: self,
+            schema,
+            key,
+            notices,
+        }
+    }
+
+    /// The connection ended or stopped answering: every source led over it ends.
+    fn lost(&self, why: &str) {
+        if self.closed.is_cancelled() {
+            return;
+        }
+        self.closed.cancel();
+        lock(&self.held).clear();
+        lock(&self.releasing).clear();
+        for (_, tx) in lock(&self.subscribers).drain() {
+            let _ = tx.send(Notice::Closed(why.to_string()));
+        }
+        debug!(error = why, "coordination connection lost");
+    }
+}
+
+impl Drop for Leadership {
+    fn drop(&mut self) {
+        lock(&self.session.subscribers).remove(&self.schema);
+        lock(&self.session.releasing).remove(&self.schema);
+        if lock(&self.session.held).remove(&self.schema).is_none()
+            || self.session.closed.is_cancelled()
+        {
+            return;
+        }
+        let session = self.session.clone();
+        let key = self.key;
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            // The process is ending: the connection, and the lock, go with it.
+            session.lost("shutting down");
+            return;
+        };
+        runtime.spawn(async move {
+            let r = session
+                .client
+                .execute(&session.statements.unlock, &[&LOCK_CLASS, &key])
+                .await;
+            if let Err(e) = r {
+                // A lock this session may still hold but no longer counts as held would
+                // be taken again on top (advisory locks nest) and never let go: give the
+                // connection up, and every lock with it.
+                warn!(error = %e, lock = key, "advisory unlock failed: reconnecting");
+                session.lost("advisory unlock failed");
+            }
+        });
+    }
+}
+
+/// Refuses a connection that is not a session of its own: a second connection to the
+/// same URL, served by the same server process, shows a pooler in transaction or
+/// statement mode (PostgreSQL never gives two live connections one process).
+async fn check_own_session(
+    url: &DatabaseUrl,
+    client: &tokio_postgres::Client,
+    timeout: Duration,
+) -> Result<(), DbError> {
+    // The simple protocol: one message, nothing left to close afterwards that could keep
+    // a pooler's server process busy while the second connection asks.
+    async fn pid(c: &tokio_postgres::Client, timeout: Duration) -> Result<String, DbError> {
+        let msgs = bounded(
+            "session check",
+            timeout,
+            c.simple_query("SELECT pg_backend_pid()"),
+        )
+        .await?;
+        msgs.iter()
+            .find_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+                _ => None,
+            })
+            .ok_or_else(|| DbError::other("session check", "no pid"))
+    }
+    let mine = pid(client, timeout).await?;
+    let (other, _notices) = url.connect(timeout).await?;
+    let theirs = pid(&other, timeout).await?;
+    if mine == theirs {
+        let _ = client
+            .batch_execute("SELECT pg_advisory_unlock_all()")
+            .await;
+        return Err(DbError::not_a_session(
+            "coordination connection",
+            format!("two connections to it were served by one server process, {mine}"),
+        ));
+    }
+    Ok(())
+}
+
+/// `pg_locks.objid` of an advisory lock's second key.
+fn objid(key: i32) -> i64 {
+    key as u32 as i64
+}
+
+/// `f`, within `timeout`, its errors typed.
+async fn bounded<T>(
+    what: &'static str,
+    timeout: Duration,
+    f: impl std::future::Future<Output = Result<T, tokio_postgres::Error>>,
+) -> Result<T, DbError> {
+    tokio::time::timeout(timeout, f)
+        .await
+        .map_err(|_| DbError::timed_out(what, timeout))?
+        .map_err(|e| DbError::pg(what, &e))
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Shows whether this replica leads the source, in its health and its metric.
+pub fn show_leader(health: &SourceHealth, metrics: &Metrics, name: &str, on: bool) {
+    health.leader.store(on, Ordering::Relaxed);
+    metrics
+        .source_leader
+        .with_label_values(&[name])
+        .set(on as i64);
+}

@@ -1,0 +1,130 @@
+//! The gauges of each source (pending rows, the oldest one's age, dead-letter fill) and
+//! of the database (pool, connections, sources), refreshed on a timer rather than per
+//! scrape: one statement per database for all of its sources. Errors are logged once
+//! per outage and counted per source.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use crate::db::DbError;
+use crate::source::outage::Problem;
+use crate::source::store::{Stats, Store};
+use crate::source::Source;
+
+use super::{Database, Looks};
+
+impl Database {
+    /// Every source's figures in one statement; if that fails (say one schema is not
+    /// migrated yet), each source's on its own, so the others still show theirs.
+    pub(super) async fn refresh_stats(&self, look: &mut Looks) {
+        self.show_connections();
+        let sources = self.sources();
+        if sources.is_empty() {
+            return;
+        }
+        let stores: Vec<&Store> = sources.iter().map(|s| s.store.as_ref()).collect();
+        let sql = look.stats.sql(&self.pool, || Store::stats_of_all(&stores));
+        let timeout = self.relay.operation_timeout;
+        let rows = match self.query(&sql, "stats", timeout).await {
+            Ok(rows) if rows.len() == sources.len() => rows,
+            Ok(rows) if sources.len() == 1 => {
+                let n = rows.len();
+                let e = DbError::other("stats", format!("{n} rows for 1 source"));
+                shown(look, &sources[0], Err(e));
+                return;
+            }
+            Err(e) if sources.len() == 1 => {
+                shown(look, &sources[0], Err(e));
+                return;
+            }
+            Ok(_) | Err(_) => {
+                for s in &sources {
+                    let r = self.own_stats(s).await;
+                    shown(look, s, r);
+                }
+                return;
+            }
+        };
+        for row in rows {
+            let i = row.try_get::<_, i32>(0).map(|i| i as usize);
+            if let Ok(i) = i {
+                if let Some(s) = sources.get(i) {
+                    shown(look, s, Stats::of(&row));
+                }
+            }
+        }
+    }
+
+    /// Reads one source's figures alone.
+    async fn own_stats(&self, s: &Source) -> Result<Stats, DbError> {
+        let timeout = self.relay.operation_timeout;
+        tokio::time::timeout(timeout, async {
+            let c = self
+                .pool
+                .get()
+                .await
+                .map_err(|e| DbError::pool("stats: pool", &e, timeout))?;
+            s.store.stats(&c).await
+        })
+        .await
+        .map_err(|_| DbError::timed_out("stats", timeout))?
+    }
+
+    /// What this replica holds of the database: the pool's connections, the
+    /// coordination connection, and its sources.
+    pub fn show_connections(&self) {
+        let db = self.label.as_str();
+        let status = self.pool.status();
+        let m = &self.metrics;
+        for (state, n) in [
+            ("open", status.size),
+            ("idle", status.available),
+            ("in_use", status.size.saturating_sub(status.available)),
+            ("waiting", status.waiting),
+        ] {
+            m.pool_connections
+                .with_label_values(&[db, state])
+                .set(n as i64);
+        }
+        let coordination = self.coordinator.status();
+        m.connections
+            .with_label_values(&[db])
+            .set((status.size + coordination.up as usize) as i64);
+        m.sources
+            .with_label_values(&[db])
+            .set(coordination.sources as i64);
+    }
+}
+
+/// Shows a source's figures, or notes its error (logged once per outage).
+fn shown(look: &mut Looks, s: &Source, r: Result<Stats, DbError>) {
+    let name = s.name();
+    let outage = look.stats_outages.entry(name.to_string()).or_default();
+    match r {
+        Ok(st) => {
+            let m = &s.metrics;
+            m.pending.with_label_values(&[name]).set(st.pending);
+            m.oldest_pending_age
+                .with_label_values(&[name])
+                .set(st.oldest_age_secs);
+            m.dead_letter_rows
+                .with_label_values(&[name])
+                .set(st.dead_letter_rows);
+            s.health.pending.store(st.pending, Ordering::Relaxed);
+            s.health
+                .dead_letter_rows
+                .store(st.dead_letter_rows, Ordering::Relaxed);
+            outage.recovered(name);
+        }
+        Err(e) => {
+            s.metrics.stats_errors.with_label_values(&[name]).inc();
+            // The gauges keep their last figures; the pause is the timer's.
+            let _ = outage.failed(
+                name,
+                Problem::of(&e).stats(),
+                &e.to_string(),
+                Duration::ZERO,
+            );
+        }
+    }
+}
