@@ -13,6 +13,7 @@
 //! * [`scenario`]: the fixture that puts these together ([`Scenario`]).
 //! * [`wait`]: [`eventually`], the one way to wait for a condition.
 //! * [`metrics`]: [`Metrics`], reading `/metrics`; [`http`]: a GET for the relay's endpoints.
+//! * [`pgbouncer`]: [`pgbouncer::PgBouncer`], the pooler in front of a test's server.
 //! * [`process`]: names, free ports, scratch directories and watchdogs the servers share.
 //!
 //! The server helpers are *blocking*. From a `#[tokio::test]` that also runs code under
@@ -31,6 +32,7 @@ pub mod broker;
 pub mod http;
 pub mod metrics;
 pub mod outbox;
+pub mod pgbouncer;
 pub mod postgres;
 pub mod process;
 pub mod relay;
