@@ -226,3 +226,103 @@ fn identifiers_and_topics() {
     assert!(validate_topic("..").is_err());
     assert!(validate_topic(&"x".repeat(250)).is_err());
 }
+
+#[test]
+fn pattern_sources_name_their_schemas_and_refuse_what_cannot_work() {
+    let toml = r#"
+database_url = "postgres://u:pw@h/db"
+coordination_url = "postgres://u:pw@direct/db"
+[[sources]]
+name = "tenant-{schema}"
+schema_pattern = "tenant_*"
+topic = "{schema}.events"
+[[sources]]
+name = "orders"
+schema = "orders"
+topic = "orders.events"
+"#;
+    let s = Settings::from_parts(Some(toml), &env(&[])).unwrap();
+    assert_eq!(s.sources.len(), 1);
+    let p = &s.patterns[0];
+    let t = p.source_for("tenant_acme");
+    assert_eq!(
+        (t.name.as_str(), t.topic.as_str()),
+        ("tenant-tenant_acme", "tenant_acme.events")
+    );
+    // Sources on the shared URL take the shared coordination URL.
+    assert_eq!(
+        s.sources[0].coordination_url.as_ref().unwrap().identity(),
+        "direct:5432/db"
+    );
+    assert!(p.coordination_url.is_some());
+    assert!(!s.redacted_toml().contains("pw"), "{}", s.redacted_toml());
+    // The dead-letter CLI finds a pattern source by its name.
+    assert_eq!(
+        s.source("tenant-tenant_acme").unwrap().schema,
+        "tenant_acme"
+    );
+    assert!(s.source("tenant-other_acme").is_err());
+    assert!(s.source("tenant-tenant_Bad").is_err());
+
+    let bad = r#"
+database_url = "postgres://u@h/db"
+[[sources]]
+name = "tenant"
+schema_pattern = "tenant_*"
+topic = "t"
+[[sources]]
+name = "x-{schema}"
+schema = "x"
+topic = "t"
+[[sources]]
+name = "y-{schema}"
+schema_pattern = "Tenant-*"
+topic = "t"
+[[sources]]
+name = "z-{schema}"
+schema_pattern = "zeta"
+topic = "t"
+[[sources]]
+name = "w-{schema}"
+schema = "w"
+schema_pattern = "w_*"
+topic = "t"
+[[sources]]
+name = "v-{schema}"
+schema_pattern = "v_*"
+topic = "t"
+database_url = "postgres://u@h/db"
+coordination_url = "postgres://u@elsewhere/db"
+"#;
+    let err = Settings::from_parts(Some(bad), &env(&[]))
+        .unwrap_err()
+        .to_string();
+    for needle in [
+        "sources[0].name: \"tenant\" must contain {schema}",
+        "sources[1].name: {schema} is only replaced for a schema_pattern source",
+        "sources[2].schema_pattern: \"Tenant-*\" holds 'T'",
+        "sources[3].schema_pattern: \"zeta\" has no wildcard",
+        "sources[4].schema and sources[4].schema_pattern: set one, not both",
+        "sources[5].coordination_url: sources of database h:5432/db name different coordination URLs",
+    ] {
+        assert!(err.contains(needle), "missing {needle:?} in:\n{err}");
+    }
+}
+
+#[test]
+fn schema_patterns_are_globs_whose_underscore_is_literal_and_never_match_system_schemas() {
+    let p = SchemaPattern::parse("tenant_*").unwrap();
+    assert!(p.matches("tenant_acme"));
+    assert!(p.matches("tenant_"));
+    assert!(!p.matches("tenantxacme"));
+    assert!(!p.matches("other_tenant_acme"));
+    assert_eq!(p.like(), "tenant\\_%");
+    let q = SchemaPattern::parse("t?_*").unwrap();
+    assert!(q.matches("t1_x") && !q.matches("t12_x"));
+    assert_eq!(q.like(), "t_\\_%");
+    let all = SchemaPattern::parse("*").unwrap();
+    assert!(all.matches("public"));
+    for system in ["pg_catalog", "pg_toast", "information_schema"] {
+        assert!(!all.matches(system), "{system}");
+    }
+}

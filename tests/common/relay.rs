@@ -80,6 +80,22 @@ impl RelayConfig {
         self
     }
 
+    /// Adds a `[[sources]]` entry that finds its schemas by `schema_pattern`.
+    pub fn pattern(mut self, name: &str, url: &str, pattern: &str, topic: &str) -> RelayConfig {
+        let mut t = Table::new();
+        t.insert("name".into(), name.into());
+        t.insert("database_url".into(), url.into());
+        t.insert("schema_pattern".into(), pattern.into());
+        t.insert("topic".into(), topic.into());
+        self.table
+            .entry("sources")
+            .or_insert_with(|| Value::Array(Vec::new()))
+            .as_array_mut()
+            .expect("sources is an array")
+            .push(Value::Table(t));
+        self
+    }
+
     /// Sets `key` of the source called `name`; panics if there is no such source.
     pub fn source_set(mut self, name: &str, key: &str, value: impl Into<Value>) -> RelayConfig {
         self.source_table(name).insert(key.into(), value.into());
