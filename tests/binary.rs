@@ -603,6 +603,82 @@ fn two_relay_processes_share_eight_sources_and_a_kill_9_and_a_restart_rebalance_
     );
 }
 
+#[test]
+fn three_relay_processes_share_nine_sources_while_events_flow_through_a_kill_9_and_a_restart() {
+    let names: Vec<String> = (0..9).map(|i| format!("trio{i}")).collect();
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let sc = scenario(&refs, 2);
+    let files = Files::migrated(&file_config(&sc), &[]);
+    let ports = [
+        common::free_port(),
+        common::free_port(),
+        common::free_port(),
+    ];
+    let start = |port: u16| {
+        let listen = format!("127.0.0.1:{port}");
+        spawn(files.command(&["run"], &[("OUTBOX_HTTP__LISTEN", &listen)]))
+    };
+    let mut children = ports.map(start);
+    let shares = || ports.map(|p| leading(p, &names));
+    // Events flow the whole time: a writer inserts a round into every source until told
+    // to stop, each round's seq continuing its aggregates' order.
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (pg, sources) = (&sc.pg, &sc.sources);
+    let written = std::thread::scope(|scope| {
+        let writer = scope.spawn(|| {
+            let mut rounds = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                for src in sources {
+                    common::outbox::insert_events(pg, src, 6, 3, rounds * 2);
+                }
+                rounds += 1;
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            rounds * 6
+        });
+        eventually_blocking("three processes lead 3 sources each", DEADLINE, || {
+            shares() == [3, 3, 3]
+        });
+        children[0].kill().unwrap(); // SIGKILL
+        let _ = children[0].wait();
+        let killed_at = Instant::now();
+        eventually_blocking("the two survivors lead all 9", DEADLINE, || {
+            let [_, b, c] = shares();
+            b + c == 9 && b <= 5 && c <= 5
+        });
+        let takeover = killed_at.elapsed();
+        children[0] = start(ports[0]);
+        let restarted_at = Instant::now();
+        eventually_blocking(
+            "the restarted process gets its share back",
+            DEADLINE,
+            || shares() == [3, 3, 3],
+        );
+        let rebalance = restarted_at.elapsed();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        eprintln!("9 sources, 3 processes: takeover after kill -9 in {takeover:?}, rebalance after restart in {rebalance:?}");
+        assert!(
+            takeover < Duration::from_secs(10),
+            "takeover took {takeover:?}"
+        );
+        assert!(
+            rebalance < Duration::from_secs(30),
+            "rebalance took {rebalance:?}"
+        );
+        writer.join().unwrap()
+    });
+    for src in &sc.sources {
+        let got = sc.consume_blocking(&src.topic, written);
+        let (distinct, _dups, disorder) = audit(&got);
+        assert_eq!(distinct, written, "{}: nothing lost", src.name);
+        assert_eq!(disorder, 0, "{}: per-aggregate order kept", src.name);
+    }
+    for child in &mut children {
+        sigterm(child);
+        assert_eq!(wait_exit(child, Duration::from_secs(10)).code(), Some(0));
+    }
+}
+
 /// An nftables table of this test's, removed when dropped (also if the test fails).
 struct Firewall(String);
 
