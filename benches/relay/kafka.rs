@@ -19,18 +19,18 @@ use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use crate::workload::{contract_headers, BrokerRecord};
 
 /// A producer with the relay's settings, from the same configuration text the relay
-/// process gets: the relay's own `Sink` (idempotent, acks=all, linger, and the
-/// `[kafka.properties]` of config/default.toml, e.g. lz4). The only place the bench
-/// depends on the sink's API.
-pub fn relay_producer(config_toml: &str) -> outbox_relay::sink::Producer {
+/// process gets: the relay's own client configuration (idempotent, acks=all, linger,
+/// and the `[kafka.properties]` of config/default.toml, e.g. lz4). The only place the
+/// bench depends on the sink's API.
+pub fn relay_producer(config_toml: &str) -> FutureProducer {
     let settings = outbox_relay::config::Settings::from_parts(
         Some(config_toml),
         &std::collections::HashMap::new(),
     )
     .unwrap_or_else(|e| panic!("bench config: {e}"));
-    outbox_relay::sink::Sink::new(&settings.kafka, settings.operation_timeout)
+    outbox_relay::sink::client_config(&settings.kafka, settings.operation_timeout)
+        .create()
         .expect("create producer")
-        .producer()
 }
 
 /// Commit (or send) and receive times of sequence-numbered events, in nanoseconds since

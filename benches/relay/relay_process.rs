@@ -118,6 +118,11 @@ fn relay_command(config: &Path, binary: &Path) -> Command {
 
 /// `outbox-relay --config PATH migrate`, within 60 s.
 pub fn migrate(config: &Path, log: &Path) {
+    migrate_within(config, log, Duration::from_secs(60));
+}
+
+/// `outbox-relay --config PATH migrate`, within `limit`.
+pub fn migrate_within(config: &Path, log: &Path, limit: Duration) {
     let out = std::fs::File::create(log).expect("create migrate log");
     let mut child = relay_command(config, &relay_bin())
         .arg("migrate")
@@ -125,7 +130,7 @@ pub fn migrate(config: &Path, log: &Path) {
         .stderr(out)
         .spawn()
         .expect("spawn outbox-relay migrate");
-    let end = Instant::now() + Duration::from_secs(60);
+    let end = Instant::now() + limit;
     loop {
         if let Some(status) = child.try_wait().expect("wait for migrate") {
             assert!(
@@ -138,7 +143,7 @@ pub fn migrate(config: &Path, log: &Path) {
         if Instant::now() >= end {
             let _ = child.kill();
             let _ = child.wait();
-            panic!("outbox-relay migrate did not finish within 60s");
+            panic!("outbox-relay migrate did not finish within {limit:?}");
         }
         std::thread::sleep(Duration::from_millis(20));
     }

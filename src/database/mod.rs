@@ -37,6 +37,14 @@ use crate::source::Source;
 pub use coordinator::{show_leader, CoordinationStatus, Coordinator, Leadership};
 pub use discovery::{matching_schemas, Found};
 
+/// Sources per statement of a periodic look (pending rows, figures). A statement over
+/// every source of a database would lock every outbox and dead-letter table and their
+/// indexes at once: at 1,000 sources about 9,000 entries of the server's lock table
+/// (sized `max_locks_per_transaction * max_connections`, 6,400 by default), and the
+/// services' own statements failed with "out of shared memory". 32 sources take about
+/// 300, 16 of them in the backend's fast path.
+pub const PER_STATEMENT: usize = 32;
+
 /// Pause before a panicked source task starts again.
 const RESTART_DELAY: Duration = Duration::from_secs(1);
 
@@ -208,42 +216,47 @@ impl Database {
 
     /// Wakes every source this replica leads that has a row to claim: the fallback for
     /// a missed notification, and the wake-up of rows whose retry is due. One statement
-    /// for all the database's sources.
+    /// per [`PER_STATEMENT`] sources led.
     async fn probe(&self, look: &mut Looks) {
-        let sources = self.sources();
-        if sources.is_empty() {
-            return;
-        }
-        let stores: Vec<&Store> = sources.iter().map(|s| s.store.as_ref()).collect();
-        let sql = look.probe.sql(&self.pool, || Store::ready_of_all(&stores));
+        let led: Vec<Arc<Source>> = self
+            .sources()
+            .into_iter()
+            .filter(|s| s.health.is_leader())
+            .collect();
         let timeout = self.relay.operation_timeout;
-        let rows = self.query(&sql, "look for pending rows", timeout).await;
-        match rows {
-            Ok(rows) => {
-                look.probe_outage.recovered(&self.label);
-                for r in rows {
-                    if let Some(s) = r
-                        .try_get::<_, i32>(0)
-                        .ok()
-                        .and_then(|i| sources.get(i as usize))
-                    {
-                        if s.health.is_leader() {
+        let mut used = Vec::new();
+        for chunk in led.chunks(PER_STATEMENT) {
+            let stores: Vec<&Store> = chunk.iter().map(|s| s.store.as_ref()).collect();
+            let sql = Store::ready_of_all(&stores);
+            let rows = self.query(&sql, "look for pending rows", timeout).await;
+            used.push(sql);
+            match rows {
+                Ok(rows) => {
+                    look.probe_outage.recovered(&self.label);
+                    for r in rows {
+                        if let Some(s) = r
+                            .try_get::<_, i32>(0)
+                            .ok()
+                            .and_then(|i| chunk.get(i as usize))
+                        {
                             self.coordinator.wake(&s.settings.schema);
                         }
                     }
                 }
-            }
-            Err(e) => {
-                // A source that leads learns of the outage from its own claims; this
-                // only says why the look failed, once per outage.
-                let _ = look.probe_outage.failed(
-                    &self.label,
-                    Problem::of(&e).looking(),
-                    &e.to_string(),
-                    Duration::ZERO,
-                );
+                Err(e) => {
+                    // A source that leads learns of the outage from its own claims; this
+                    // only says why the look failed, once per outage.
+                    let _ = look.probe_outage.failed(
+                        &self.label,
+                        Problem::of(&e).looking(),
+                        &e.to_string(),
+                        Duration::ZERO,
+                    );
+                    break;
+                }
             }
         }
+        look.probe.keep(&self.pool, used);
     }
 
     /// One statement on a pooled connection, prepared once per connection.
@@ -399,21 +412,20 @@ impl std::ops::DerefMut for OutageOf {
     }
 }
 
-/// A statement over every source of the database, rebuilt when the sources change;
-/// the one it replaces leaves the pool's statement caches.
+/// The statements of a periodic look, prepared on the pool's connections: those the
+/// last round used stay, the others (their sources changed) leave the statement caches.
 #[derive(Default)]
 struct Cached {
-    built: Option<String>,
+    used: HashSet<String>,
 }
 
 impl Cached {
-    fn sql(&mut self, pool: &Pool, build: impl FnOnce() -> String) -> String {
-        let sql = build();
-        if let Some(old) = self.built.as_ref().filter(|old| **old != sql) {
+    fn keep(&mut self, pool: &Pool, used: Vec<String>) {
+        let used: HashSet<String> = used.into_iter().collect();
+        for old in self.used.difference(&used) {
             pool.manager().statement_caches.remove(old, &[]);
         }
-        self.built = Some(sql.clone());
-        sql
+        self.used = used;
     }
 }
 

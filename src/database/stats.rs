@@ -1,7 +1,7 @@
 //! The gauges of each source (pending rows, the oldest one's age, dead-letter fill) and
 //! of the database (pool, connections, sources), refreshed on a timer rather than per
-//! scrape: one statement per database for all of its sources. Errors are logged once
-//! per outage and counted per source.
+//! scrape: one statement per 32 sources of a database (`PER_STATEMENT`). Errors are
+//! logged once per outage and counted per source.
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -11,48 +11,52 @@ use crate::source::outage::Problem;
 use crate::source::store::{Stats, Store};
 use crate::source::Source;
 
-use super::{Database, Looks};
+use super::{Database, Looks, PER_STATEMENT};
 
 impl Database {
-    /// Every source's figures in one statement; if that fails (say one schema is not
-    /// migrated yet), each source's on its own, so the others still show theirs.
+    /// Every source's figures, [`PER_STATEMENT`] sources a statement; if one fails (say
+    /// a schema is not migrated yet), each of its sources on its own, so the others
+    /// still show theirs.
     pub(super) async fn refresh_stats(&self, look: &mut Looks) {
         self.show_connections();
         let sources = self.sources();
-        if sources.is_empty() {
-            return;
-        }
-        let stores: Vec<&Store> = sources.iter().map(|s| s.store.as_ref()).collect();
-        let sql = look.stats.sql(&self.pool, || Store::stats_of_all(&stores));
         let timeout = self.relay.operation_timeout;
-        let rows = match self.query(&sql, "stats", timeout).await {
-            Ok(rows) if rows.len() == sources.len() => rows,
-            Ok(rows) if sources.len() == 1 => {
-                let n = rows.len();
-                let e = DbError::other("stats", format!("{n} rows for 1 source"));
-                shown(look, &sources[0], Err(e));
-                return;
-            }
-            Err(e) if sources.len() == 1 => {
-                shown(look, &sources[0], Err(e));
-                return;
-            }
-            Ok(_) | Err(_) => {
-                for s in &sources {
-                    let r = self.own_stats(s).await;
-                    shown(look, s, r);
+        let mut used = Vec::new();
+        for chunk in sources.chunks(PER_STATEMENT) {
+            let stores: Vec<&Store> = chunk.iter().map(|s| s.store.as_ref()).collect();
+            let sql = Store::stats_of_all(&stores);
+            let rows = self.query(&sql, "stats", timeout).await;
+            used.push(sql);
+            let rows = match rows {
+                Ok(rows) if rows.len() == chunk.len() => rows,
+                Ok(rows) if chunk.len() == 1 => {
+                    let n = rows.len();
+                    let e = DbError::other("stats", format!("{n} rows for 1 source"));
+                    shown(look, &chunk[0], Err(e));
+                    continue;
                 }
-                return;
-            }
-        };
-        for row in rows {
-            let i = row.try_get::<_, i32>(0).map(|i| i as usize);
-            if let Ok(i) = i {
-                if let Some(s) = sources.get(i) {
-                    shown(look, s, Stats::of(&row));
+                Err(e) if chunk.len() == 1 => {
+                    shown(look, &chunk[0], Err(e));
+                    continue;
+                }
+                Ok(_) | Err(_) => {
+                    for s in chunk {
+                        let r = self.own_stats(s).await;
+                        shown(look, s, r);
+                    }
+                    continue;
+                }
+            };
+            for row in rows {
+                let i = row.try_get::<_, i32>(0).map(|i| i as usize);
+                if let Ok(i) = i {
+                    if let Some(s) = chunk.get(i) {
+                        shown(look, s, Stats::of(&row));
+                    }
                 }
             }
         }
+        look.stats.keep(&self.pool, used);
     }
 
     /// Reads one source's figures alone.

@@ -17,11 +17,10 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use futures::FutureExt;
 use rdkafka::error::KafkaError;
-use rdkafka::producer::{DeliveryFuture, FutureRecord, Producer as _};
 use tracing::{error, warn};
 
 pub use classify::{classify, Blame, Classified, Failure, Reason};
-pub use producer::{Producer, RelayContext};
+pub use producer::{client_config, Delivery, Producer, RelayContext};
 pub use record::{build_record, Record};
 
 use crate::config::KafkaSettings;
@@ -124,7 +123,7 @@ pub struct Outgoing {
     producer: Producer,
     source: Arc<str>,
     default_topic: Arc<str>,
-    pending: Vec<(usize, DeliveryFuture)>,
+    pending: Vec<(usize, Delivery)>,
     event_id: String,
     /// The producer refused a record at once for the transport's sake: a fatal producer
     /// refuses every record, so it may need replacing even with nothing to wait for.
@@ -141,18 +140,16 @@ impl Outgoing {
         self.event_id.clear();
         let _ = write!(self.event_id, "{}", e.event_id);
         let record = build_record(e, &self.source, &self.default_topic, &self.event_id)?;
-        let mut fr = FutureRecord::to(record.topic)
-            .key(record.key)
-            .headers(record.headers);
-        if let Some(p) = record.payload {
-            fr = fr.payload(p);
-        }
-        match self.producer.send_result(fr) {
+        let payload = record.payload.map(str::as_bytes);
+        match self
+            .producer
+            .send(record.topic, record.key, payload, record.headers)
+        {
             Ok(delivery) => {
                 self.pending.push((i, delivery));
                 Ok(())
             }
-            Err((err, _)) => {
+            Err(err) => {
                 let c = classify(&err);
                 if c.failure.blame() == Blame::Transport {
                     self.refused = true;
@@ -200,8 +197,8 @@ impl Outgoing {
                 .into_iter()
                 .map(|(i, r)| {
                     let r = match r {
-                        Ok(Ok(_delivery)) => Ok(()),
-                        Ok(Err((err, _msg))) => {
+                        Ok(Ok(())) => Ok(()),
+                        Ok(Err(err)) => {
                             let c = classify(&err);
                             if c.breaks_producer && broken.is_none() {
                                 broken = Some(err.to_string());
