@@ -209,6 +209,16 @@ async fn a_source_whose_tables_are_gone_keeps_the_others_figures_fresh_and_count
         Some(0.0),
         "the healthy source's refresh never failed"
     );
+    // A backlog beyond the exact count is estimated from its ids: with no gaps between
+    // them, the estimate is the count.
+    let big = outbox_relay::source::store::EXACT_PENDING as usize + 50;
+    sc.insert_events(kept, big, 2, 100);
+    relay
+        .until("/metrics", DEADLINE, |_, b| {
+            Metrics::parse(b).value("outbox_events_pending", &[("source", &kept.name)])
+                == Some((big + 7) as f64)
+        })
+        .await;
     let mut relay = relay;
     relay.stop().await;
 }

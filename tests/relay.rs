@@ -506,7 +506,11 @@ async fn the_relays_connections_go_by_the_primary_key_and_the_urls_options_win()
     assert!(!plan.contains("Seq Scan"), "{plan}");
 
     let (lock, _notices) = url.connect(DEADLINE).await.unwrap();
-    for (setting, want) in [("enable_seqscan", "off"), ("tcp_keepalives_idle", "10")] {
+    for (setting, want) in [
+        ("enable_seqscan", "off"),
+        ("jit", "off"),
+        ("tcp_keepalives_idle", "10"),
+    ] {
         let got: String = lock
             .query_one(&format!("SHOW {setting}"), &[])
             .await

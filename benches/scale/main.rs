@@ -410,9 +410,14 @@ async fn run(o: &Opts, t0: Instant) -> String {
             "postgres",
             "ALTER SYSTEM SET max_connections = 100; \
              ALTER SYSTEM SET log_connections = on; \
-             ALTER SYSTEM SET shared_buffers = '128MB'",
+             ALTER SYSTEM SET shared_buffers = '128MB'; \
+             ALTER SYSTEM SET shared_preload_libraries = 'pg_stat_statements'",
         );
         pg.restart();
+        pg.psql(
+            "postgres",
+            "ALTER SYSTEM SET pg_stat_statements.track_planning = on; SELECT pg_reload_conf()",
+        );
         pg
     })
     .await
@@ -473,6 +478,10 @@ async fn run(o: &Opts, t0: Instant) -> String {
     progress!(t0, "migrated in {:.1} s", migrate_took.as_secs_f64());
 
     let admin = workload::connect(&admin_url).await;
+    admin
+        .batch_execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+        .await
+        .expect("pg_stat_statements");
     let peaks = Arc::new(Peaks::default());
     let sampler = tokio::spawn(sample_connections(admin_url.clone(), peaks.clone()));
 
@@ -596,6 +605,7 @@ async fn run(o: &Opts, t0: Instant) -> String {
         );
         rounds.push(Round { lone, ..mixed });
     }
+    let statements = top_statements(&admin).await;
     peaks.stop.store(true, Ordering::Relaxed);
     let _ = sampler.await;
     let peak: Vec<i64> = replicas
@@ -632,7 +642,35 @@ async fn run(o: &Opts, t0: Instant) -> String {
         rebalanced,
         split_after,
         rounds,
+        statements,
     })
+}
+
+/// The statements that cost PostgreSQL the most time over the whole run (planning
+/// and execution), from pg_stat_statements, their text shortened.
+async fn top_statements(admin: &tokio_postgres::Client) -> String {
+    let rows = admin
+        .query(
+            "SELECT calls, total_plan_time, total_exec_time, \
+                    regexp_replace(left(query, 90), '\\s+', ' ', 'g') \
+             FROM pg_stat_statements ORDER BY total_plan_time + total_exec_time DESC LIMIT 12",
+            &[],
+        )
+        .await
+        .unwrap_or_default();
+    let mut s = String::from(
+        "| calls | planning, ms | execution, ms | per call, ms | statement |\n|---|---|---|---|---|\n",
+    );
+    for r in rows {
+        let (calls, plan, exec, q): (i64, f64, f64, String) =
+            (r.get(0), r.get(1), r.get(2), r.get(3));
+        s.push_str(&format!(
+            "| {calls} | {plan:.0} | {exec:.0} | {:.3} | `{}` |\n",
+            (plan + exec) / calls.max(1) as f64,
+            q.replace('|', "/")
+        ));
+    }
+    s
 }
 
 /// The hot-and-cold runs' shared parts.
@@ -762,6 +800,8 @@ struct Report<'a> {
     rebalanced: Option<Duration>,
     split_after: Vec<usize>,
     rounds: Vec<Round>,
+    /// The statements PostgreSQL spent the most time on.
+    statements: String,
 }
 
 fn render(r: &Report) -> String {
@@ -869,6 +909,11 @@ fn render(r: &Report) -> String {
     let ratio = median(r.rounds.iter().map(|x| x.mixed / x.lone).collect());
     let p99 = median(r.rounds.iter().map(|x| x.p99).collect());
     let verdict = |ok: bool| if ok { "met" } else { "NOT MET" };
+    let _ = writeln!(
+        s,
+        "\nWhat PostgreSQL spent its time on over the whole run (pg_stat_statements, every role):\n\n{}",
+        r.statements
+    );
     let _ = writeln!(s, "\nTARGETS (issue 14):");
     let checks = [
         (
