@@ -606,6 +606,7 @@ async fn run(o: &Opts, t0: Instant) -> String {
         rounds.push(Round { lone, ..mixed });
     }
     let statements = top_statements(&admin).await;
+    let server_memory = backend_memory(&admin).await;
     peaks.stop.store(true, Ordering::Relaxed);
     let _ = sampler.await;
     let peak: Vec<i64> = replicas
@@ -643,7 +644,48 @@ async fn run(o: &Opts, t0: Instant) -> String {
         split_after,
         rounds,
         statements,
+        server_memory,
     })
+}
+
+/// Private memory of each replica's server processes (the backends behind its
+/// connections), MiB, from /proc/PID/smaps_rollup: what the relay costs the server
+/// beyond shared buffers (plans, prepared statements, caches).
+async fn backend_memory(admin: &tokio_postgres::Client) -> Vec<(f64, usize)> {
+    let rows = admin
+        .query(
+            "SELECT application_name, pid FROM pg_stat_activity \
+             WHERE application_name LIKE 'relay-%' ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap_or_default();
+    REPLICAS
+        .iter()
+        .map(|app| {
+            let pids: Vec<i32> = rows
+                .iter()
+                .filter(|r| r.get::<_, String>(0) == *app)
+                .map(|r| r.get(1))
+                .collect();
+            let kib: f64 = pids
+                .iter()
+                .map(|pid| {
+                    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+                        .unwrap_or_default();
+                    ["Private_Clean:", "Private_Dirty:"]
+                        .iter()
+                        .filter_map(|k| {
+                            text.lines()
+                                .find_map(|l| l.strip_prefix(k))
+                                .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+                        })
+                        .sum::<f64>()
+                })
+                .sum();
+            (kib / 1024.0, pids.len())
+        })
+        .collect()
 }
 
 /// The statements that cost PostgreSQL the most time over the whole run (planning
@@ -802,6 +844,8 @@ struct Report<'a> {
     rounds: Vec<Round>,
     /// The statements PostgreSQL spent the most time on.
     statements: String,
+    /// Per replica: its server processes' private memory (MiB), and how many.
+    server_memory: Vec<(f64, usize)>,
 }
 
 fn render(r: &Report) -> String {
@@ -873,6 +917,11 @@ fn render(r: &Report) -> String {
         pct(r.split_after[0]),
         r.split_after[1],
         pct(r.split_after[1])
+    );
+    let _ = writeln!(
+        s,
+        "| its server processes' private memory, after the hot and cold rounds | {:.1} MiB ({} processes) | {:.1} MiB ({}) | |",
+        r.server_memory[0].0, r.server_memory[0].1, r.server_memory[1].0, r.server_memory[1].1
     );
     let _ = writeln!(
         s,

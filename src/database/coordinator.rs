@@ -19,9 +19,10 @@
 //!
 //! The locks live exactly as long as the connection: a relay that dies or is cut off
 //! releases them as soon as PostgreSQL notices (the connection asks the server for TCP
-//! keepalives and a user timeout). A connection that does not answer the count within
-//! `operation_timeout` of the last answer is given up, and every source led over it
-//! stops claiming, before the server can have freed their locks for another replica.
+//! keepalives and a user timeout: 20-25 s). A connection that does not answer the count
+//! within min(`operation_timeout`, [`FENCE_WITHIN`]) of the last answer is given up, and
+//! every source led over it stops claiming, sending and settling, before the server can
+//! have freed their locks for another replica.
 //!
 //! A pooler in transaction mode between the relay and PostgreSQL would hand the
 //! connection's statements to any server process: the locks would be held by a process
@@ -49,6 +50,12 @@ use crate::source::outage::{Outage, Problem};
 
 /// How often the members are counted, which also proves the connection still answers.
 pub const MEMBERSHIP_POLL: Duration = Duration::from_secs(1);
+/// The longest a replica keeps leading over a connection that stopped answering (or
+/// `operation_timeout`, if shorter). PostgreSQL gives up on a silent relay session
+/// after 20-25 s (the TCP user timeout and keepalives the connection asks of it) and
+/// frees its locks for another replica: the sources led over it must have stopped by
+/// then, whatever `operation_timeout` says.
+pub const FENCE_WITHIN: Duration = Duration::from_secs(15);
 /// The advisory-lock class of the replicas' membership locks (key: a slot number).
 const MEMBER_CLASS: i32 = LOCK_CLASS + 1;
 /// Live members of this database (the membership locks granted), the keys of the
@@ -122,6 +129,8 @@ struct Session {
     statements: Statements,
     /// Its membership lock's key.
     slot: i32,
+    /// When it joined.
+    opened: tokio::time::Instant,
     /// Wake-ups and the connection's end, for each schema this replica leads.
     subscribers: Mutex<HashMap<String, UnboundedSender<Notice>>>,
     /// The schemas whose lock this session holds, and their keys (advisory locks nest
@@ -247,10 +256,12 @@ impl Coordinator {
     /// as an outage does (from `backoff_base`).
     pub async fn run(self: Arc<Self>, backoff_base: Duration, cancel: CancellationToken) {
         let mut outage = Outage::database();
-        // The count answers within the rest of operation_timeout, so a connection that
-        // stops answering is given up within operation_timeout of its last answer.
+        // The count answers within the rest of the fence, so a connection that stops
+        // answering is given up within min(operation_timeout, FENCE_WITHIN) of its last
+        // answer.
         let deadline = self
             .timeout
+            .min(FENCE_WITHIN)
             .saturating_sub(MEMBERSHIP_POLL)
             .max(MEMBERSHIP_POLL);
         loop {
@@ -305,7 +316,12 @@ impl Coordinator {
         self.learn_keys(&session, deadline).await?;
         session.count_members(deadline).await?;
         session.rebalance(lock(&self.entries).len());
-        self.take_free(&session, deadline).await?;
+        // A replica that just joined lets the count settle first: replicas started
+        // together would each see itself alone, take every source, and hand half over
+        // a second later (with every source's statements prepared twice on the way).
+        if session.opened.elapsed() >= MEMBERSHIP_POLL {
+            self.take_free(&session, deadline).await?;
+        }
         Ok(session)
     }
 
@@ -461,6 +477,7 @@ impl Session {
             client,
             statements,
             slot,
+            opened: tokio::time::Instant::now(),
             subscribers: Mutex::default(),
             held: Mutex::default(),
             releasing: Mutex::default(),

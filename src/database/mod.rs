@@ -45,6 +45,14 @@ pub use discovery::{matching_schemas, Found};
 /// 300, 16 of them in the backend's fast path.
 pub const PER_STATEMENT: usize = 32;
 
+/// A pooled connection unused this long is closed: a burst (a takeover, a backlog)
+/// opens up to `pool_size`, and the quiet that follows needs one.
+pub const POOL_IDLE: Duration = Duration::from_secs(60);
+/// A pooled connection is closed, once idle, after this long: what its server process
+/// learned of every table it touched (catalog caches, plans) does not pile up forever.
+/// One session per connection per half hour.
+pub const POOL_LIFETIME: Duration = Duration::from_secs(30 * 60);
+
 /// Pause before a panicked source task starts again.
 const RESTART_DELAY: Duration = Duration::from_secs(1);
 
@@ -205,7 +213,10 @@ impl Database {
                     self.discover(&mut look, &mut tasks).await;
                 }
                 _ = probe.tick(), if self.relay.enabled => self.probe(&mut look).await,
-                _ = stats.tick() => self.refresh_stats(&mut look).await,
+                _ = stats.tick() => {
+                    self.pool.retain(|_, m| m.last_used() < POOL_IDLE && m.age() < POOL_LIFETIME);
+                    self.refresh_stats(&mut look).await;
+                }
             }
         }
         while tasks.join_next().await.is_some() {}
@@ -226,7 +237,7 @@ impl Database {
         let timeout = self.relay.operation_timeout;
         let mut used = Vec::new();
         for chunk in led.chunks(PER_STATEMENT) {
-            let stores: Vec<&Store> = chunk.iter().map(|s| s.store.as_ref()).collect();
+            let stores: Vec<&Store> = chunk.iter().map(|s| s.store().as_ref()).collect();
             let sql = Store::ready_of_all(&stores);
             let rows = self.query(&sql, "look for pending rows", timeout).await;
             used.push(sql);

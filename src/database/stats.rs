@@ -14,16 +14,25 @@ use crate::source::Source;
 use super::{Database, Looks, PER_STATEMENT};
 
 impl Database {
-    /// Every source's figures, [`PER_STATEMENT`] sources a statement; if one fails (say
-    /// a schema is not migrated yet), each of its sources on its own, so the others
-    /// still show theirs.
+    /// The figures of the sources this replica leads, [`PER_STATEMENT`] sources a
+    /// statement; if one fails (say a schema is not migrated yet), each of its sources
+    /// on its own, so the others still show theirs. A source another replica leads
+    /// shows zeros here (its leader shows its figures: `max by (source)`), so the
+    /// refresh costs the server what this replica's share does, not every source
+    /// again per replica. A disabled relay leads nothing and shows every source's.
     pub(super) async fn refresh_stats(&self, look: &mut Looks) {
         self.show_connections();
-        let sources = self.sources();
+        let (sources, followed): (Vec<_>, Vec<_>) = self
+            .sources()
+            .into_iter()
+            .partition(|s| s.health.is_leader() || !self.relay.enabled);
+        for s in &followed {
+            shown(look, s, Ok(Stats::default()));
+        }
         let timeout = self.relay.operation_timeout;
         let mut used = Vec::new();
         for chunk in sources.chunks(PER_STATEMENT) {
-            let stores: Vec<&Store> = chunk.iter().map(|s| s.store.as_ref()).collect();
+            let stores: Vec<&Store> = chunk.iter().map(|s| s.store().as_ref()).collect();
             let sql = Store::stats_of_all(&stores);
             let rows = self.query(&sql, "stats", timeout).await;
             used.push(sql);
@@ -68,7 +77,7 @@ impl Database {
                 .get()
                 .await
                 .map_err(|e| DbError::pool("stats: pool", &e, timeout))?;
-            s.store.stats(&c).await
+            s.store().stats(&c).await
         })
         .await
         .map_err(|_| DbError::timed_out("stats", timeout))?

@@ -68,8 +68,8 @@ pub struct Source {
     pub pool: Pool,
     /// The coordination connection of its database (shared likewise).
     pub coordinator: Arc<Coordinator>,
-    /// Its SQL.
-    pub store: Arc<Store>,
+    /// Its SQL, built when this replica first leads it.
+    store: std::sync::OnceLock<Arc<Store>>,
     /// Its visible state.
     pub health: Arc<SourceHealth>,
     /// The relay-wide settings.
@@ -96,7 +96,7 @@ impl Source {
         metrics: Arc<Metrics>,
     ) -> Source {
         Source {
-            store: Arc::new(Store::new(&settings.schema)),
+            store: std::sync::OnceLock::new(),
             name: settings.name.as_str().into(),
             topic: settings.topic.as_str().into(),
             settings,
@@ -114,6 +114,24 @@ impl Source {
     /// Its name.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Its statements (built on first use: a source this replica never leads costs no
+    /// SQL text).
+    pub fn store(&self) -> &Arc<Store> {
+        self.store
+            .get_or_init(|| Arc::new(Store::new(&self.settings.schema)))
+    }
+
+    /// A lead ended: the source's statements leave the pool's caches, and with them
+    /// their prepared plans on the server, until it leads the source again.
+    fn forget_statements(&self) {
+        if let Some(store) = self.store.get() {
+            let caches = &self.pool.manager().statement_caches;
+            for sql in store.statements() {
+                caches.remove(sql, &[]);
+            }
+        }
     }
 
     /// Runs the source until `cancel`: wait for its database's coordinator to give it
@@ -146,6 +164,7 @@ impl Source {
             let ended = lead(p, &mut leadership.notices, &cancel).await;
             show_leader(&self.health, &self.metrics, self.name(), false);
             drop(leadership);
+            self.forget_statements();
             match ended {
                 Ended::Cancelled => {
                     info!(source = self.name(), "released the source");
@@ -231,7 +250,7 @@ impl Ports for Source {
     fn claim(&self, exclude: Vec<i64>) -> BoxFuture<'static, Result<Vec<Event>, DbError>> {
         let timeout = self.relay.operation_timeout;
         let pool = self.pool.clone();
-        let store = self.store.clone();
+        let store = self.store().clone();
         let limit = self.relay.batch_size as i64;
         let max_retries = self.relay.max_retries;
         let block = self.relay.retry.after_dead_letter == AfterDeadLetter::Block;
@@ -263,7 +282,7 @@ impl Ports for Source {
     fn settle(&self, landed: Vec<Landed>) -> BoxFuture<'static, SettleOutcome> {
         let name = self.name.clone();
         let pool = self.pool.clone();
-        let store = self.store.clone();
+        let store = self.store().clone();
         let metrics = self.metrics.clone();
         let health = self.health.clone();
         let relay = self.relay.clone();

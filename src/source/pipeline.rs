@@ -119,6 +119,9 @@ pub struct Pipeline<'a, P: Ports> {
     holds: Holds,
     gate: Gate,
     listening: bool,
+    /// The lock may be another replica's: nothing more is claimed, sent or settled;
+    /// what is with the producer lands unsettled and goes out again from the outbox.
+    fenced: bool,
 }
 
 impl<'a, P: Ports> Pipeline<'a, P> {
@@ -155,6 +158,7 @@ impl<'a, P: Ports> Pipeline<'a, P> {
             holds: Holds::default(),
             gate: Gate::default(),
             listening: true,
+            fenced: false,
         }
     }
 
@@ -356,7 +360,8 @@ impl<'a, P: Ports> Pipeline<'a, P> {
 
     /// Starts a settle of the landed batches, unless one is running or it can wait.
     fn start_settle(&mut self) {
-        if !self.settling.is_running()
+        if !self.fenced
+            && !self.settling.is_running()
             && !self.landed.is_empty()
             && settle_now(
                 self.claim.is_running() && self.gate.ending.is_none(),
@@ -428,6 +433,11 @@ impl<'a, P: Ports> Pipeline<'a, P> {
                 self.kafka_outage.recovered(self.obs.name);
             }
             None => {}
+        }
+        if self.fenced {
+            // Not settled: the rows stay, and whoever holds the source now sends them
+            // again (duplicates, never loss).
+            return;
         }
         if self.landed.is_empty() {
             self.landed_since = Instant::now();
@@ -516,24 +526,26 @@ impl<'a, P: Ports> Pipeline<'a, P> {
             Some(Notice::HandOver) => {
                 self.gate.ending.get_or_insert(Ended::HandedOver);
             }
-            Some(Notice::Closed(why)) => {
-                // The lock may be another replica's by now: stop saying this one leads.
-                self.obs.health.leader.store(false, Ordering::Relaxed);
-                self.obs
-                    .metrics
-                    .source_leader
-                    .with_label_values(&[self.obs.name])
-                    .set(0);
-                self.listening = false;
-                self.gate.ending.get_or_insert(Ended::LostLock(why));
-            }
-            None => {
-                self.listening = false;
-                self.gate
-                    .ending
-                    .get_or_insert(Ended::LostLock("connection closed".into()));
-            }
+            Some(Notice::Closed(why)) => self.fence(why),
+            None => self.fence("connection closed".into()),
         }
+    }
+
+    /// The lock may be another replica's by now: stop saying this one leads, claim,
+    /// send and settle nothing more (a settle already running finishes within
+    /// operation_timeout), and end once what is with the producer has landed.
+    fn fence(&mut self, why: String) {
+        self.obs.health.leader.store(false, Ordering::Relaxed);
+        self.obs
+            .metrics
+            .source_leader
+            .with_label_values(&[self.obs.name])
+            .set(0);
+        self.listening = false;
+        self.fenced = true;
+        self.landed.clear();
+        self.landed_rows = 0;
+        self.gate.ending.get_or_insert(Ended::LostLock(why));
     }
 
     /// A pause ended.

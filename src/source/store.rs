@@ -353,6 +353,21 @@ impl Store {
         Stats::of(&row)
     }
 
+    /// Every statement it prepares on a pooled connection.
+    pub fn statements(&self) -> Vec<&str> {
+        vec![
+            &self.claim.by_list,
+            &self.claim.by_gaps,
+            &self.claim_blocking_dead.by_list,
+            &self.claim_blocking_dead.by_gaps,
+            &self.delete,
+            &self.retry,
+            &self.park,
+            &self.dead_letter_count,
+            &self.dead_letter_move,
+        ]
+    }
+
     /// One statement that returns the index of each store in `stores` with a row to
     /// claim now (the look that wakes idle sources).
     pub fn ready_of_all(stores: &[&Store]) -> String {
