@@ -38,8 +38,12 @@ const FIXED_KAFKA_PROPERTIES: &[(&str, &str)] = &[
 pub struct Settings {
     /// Database URL shared by every source that names none of its own (`OUTBOX_DATABASE_URL`).
     pub database_url: Option<DatabaseUrl>,
-    /// Rows claimed per batch (`OUTBOX_BATCH_SIZE`).
+    /// Rows claimed per batch while traffic is light (`OUTBOX_BATCH_SIZE`).
     pub batch_size: usize,
+    /// Rows claimed per batch at most (`OUTBOX_MAX_BATCH_SIZE`): a claim that comes back
+    /// full is followed by one twice as large, up to this, while a backlog drains; one
+    /// less than half full by one half as large, down to `batch_size`.
+    pub max_batch_size: usize,
     /// Delivered rows deleted per statement (`OUTBOX_DELETE_BATCH_SIZE`).
     pub delete_batch_size: usize,
     /// Batches of one source handed to the producer and not yet acknowledged, at most

@@ -14,6 +14,7 @@ impl Settings {
         let database_url: Option<String> = t.opt("database_url");
         let coordination_url: Option<String> = t.opt("coordination_url");
         let batch_size = t.int("batch_size", 10, 1, 100_000);
+        let max_batch_size = t.int("max_batch_size", 1000, 1, 100_000);
         let delete_batch_size = t.int("delete_batch_size", 50, 1, 100_000);
         let in_flight_batches = t.int("in_flight_batches", 4, 1, 64);
         let pool_size = t.int("pool_size", 4, 1, 1_000);
@@ -252,6 +253,7 @@ impl Settings {
         Some(Settings {
             database_url: shared_url,
             batch_size: batch_size as usize,
+            max_batch_size: max_batch_size.max(batch_size) as usize,
             delete_batch_size: delete_batch_size as usize,
             in_flight_batches: in_flight_batches as usize,
             pool_size: pool_size as usize,

@@ -129,8 +129,6 @@ struct Session {
     statements: Statements,
     /// Its membership lock's key.
     slot: i32,
-    /// When it joined.
-    opened: tokio::time::Instant,
     /// Wake-ups and the connection's end, for each schema this replica leads.
     subscribers: Mutex<HashMap<String, UnboundedSender<Notice>>>,
     /// The schemas whose lock this session holds, and their keys (advisory locks nest
@@ -316,12 +314,10 @@ impl Coordinator {
         self.learn_keys(&session, deadline).await?;
         session.count_members(deadline).await?;
         session.rebalance(lock(&self.entries).len());
-        // A replica that just joined lets the count settle first: replicas started
-        // together would each see itself alone, take every source, and hand half over
-        // a second later (with every source's statements prepared twice on the way).
-        if session.opened.elapsed() >= MEMBERSHIP_POLL {
-            self.take_free(&session, deadline).await?;
-        }
+        // A replica that just joined takes what is free at once: waiting for replicas
+        // started at the same moment cost every start a second of latency (measured in
+        // the drain bench); when they do join, it hands the excess over.
+        self.take_free(&session, deadline).await?;
         Ok(session)
     }
 
@@ -477,7 +473,6 @@ impl Session {
             client,
             statements,
             slot,
-            opened: tokio::time::Instant::now(),
             subscribers: Mutex::default(),
             held: Mutex::default(),
             releasing: Mutex::default(),

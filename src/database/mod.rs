@@ -237,7 +237,8 @@ impl Database {
         let timeout = self.relay.operation_timeout;
         let mut used = Vec::new();
         for chunk in led.chunks(PER_STATEMENT) {
-            let stores: Vec<&Store> = chunk.iter().map(|s| s.store().as_ref()).collect();
+            let owned: Vec<Arc<Store>> = chunk.iter().map(|s| s.store()).collect();
+            let stores: Vec<&Store> = owned.iter().map(|s| s.as_ref()).collect();
             let sql = Store::ready_of_all(&stores);
             let rows = self.query(&sql, "look for pending rows", timeout).await;
             used.push(sql);

@@ -4,6 +4,7 @@
 //! logged once per outage and counted per source.
 
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::db::DbError;
@@ -32,7 +33,8 @@ impl Database {
         let timeout = self.relay.operation_timeout;
         let mut used = Vec::new();
         for chunk in sources.chunks(PER_STATEMENT) {
-            let stores: Vec<&Store> = chunk.iter().map(|s| s.store().as_ref()).collect();
+            let owned: Vec<Arc<Store>> = chunk.iter().map(|s| s.store()).collect();
+            let stores: Vec<&Store> = owned.iter().map(|s| s.as_ref()).collect();
             let sql = Store::stats_of_all(&stores);
             let rows = self.query(&sql, "stats", timeout).await;
             used.push(sql);

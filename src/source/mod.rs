@@ -68,8 +68,8 @@ pub struct Source {
     pub pool: Pool,
     /// The coordination connection of its database (shared likewise).
     pub coordinator: Arc<Coordinator>,
-    /// Its SQL, built when this replica first leads it.
-    store: std::sync::OnceLock<Arc<Store>>,
+    /// Its SQL, built when this replica leads it, dropped when the lead ends.
+    store: std::sync::Mutex<Option<Arc<Store>>>,
     /// Its visible state.
     pub health: Arc<SourceHealth>,
     /// The relay-wide settings.
@@ -96,7 +96,7 @@ impl Source {
         metrics: Arc<Metrics>,
     ) -> Source {
         Source {
-            store: std::sync::OnceLock::new(),
+            store: std::sync::Mutex::new(None),
             name: settings.name.as_str().into(),
             topic: settings.topic.as_str().into(),
             settings,
@@ -116,17 +116,20 @@ impl Source {
         &self.name
     }
 
-    /// Its statements (built on first use: a source this replica never leads costs no
-    /// SQL text).
-    pub fn store(&self) -> &Arc<Store> {
-        self.store
-            .get_or_init(|| Arc::new(Store::new(&self.settings.schema)))
+    /// Its statements, built on first use: a source this replica does not lead costs
+    /// no SQL text.
+    pub fn store(&self) -> Arc<Store> {
+        let mut store = self.store.lock().unwrap_or_else(|p| p.into_inner());
+        store
+            .get_or_insert_with(|| Arc::new(Store::new(&self.settings.schema)))
+            .clone()
     }
 
     /// A lead ended: the source's statements leave the pool's caches, and with them
     /// their prepared plans on the server, until it leads the source again.
     fn forget_statements(&self) {
-        if let Some(store) = self.store.get() {
+        let store = self.store.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(store) = store {
             let caches = &self.pool.manager().statement_caches;
             for sql in store.statements() {
                 caches.remove(sql, &[]);
@@ -225,6 +228,7 @@ impl Source {
     fn limits(&self) -> Limits {
         Limits {
             batch_size: self.relay.batch_size,
+            max_batch_size: self.relay.max_batch_size,
             in_flight: self.relay.in_flight_batches,
             delete_batch_size: self.relay.delete_batch_size,
             retry: self.relay.retry.clone(),
@@ -247,11 +251,15 @@ impl Source {
 impl Ports for Source {
     type Batch = Outgoing;
 
-    fn claim(&self, exclude: Vec<i64>) -> BoxFuture<'static, Result<Vec<Event>, DbError>> {
+    fn claim(
+        &self,
+        limit: usize,
+        exclude: Vec<i64>,
+    ) -> BoxFuture<'static, Result<Vec<Event>, DbError>> {
         let timeout = self.relay.operation_timeout;
         let pool = self.pool.clone();
-        let store = self.store().clone();
-        let limit = self.relay.batch_size as i64;
+        let store = self.store();
+        let limit = limit as i64;
         let max_retries = self.relay.max_retries;
         let block = self.relay.retry.after_dead_letter == AfterDeadLetter::Block;
         let task = tokio::spawn(async move {
@@ -282,7 +290,7 @@ impl Ports for Source {
     fn settle(&self, landed: Vec<Landed>) -> BoxFuture<'static, SettleOutcome> {
         let name = self.name.clone();
         let pool = self.pool.clone();
-        let store = self.store().clone();
+        let store = self.store();
         let metrics = self.metrics.clone();
         let health = self.health.clone();
         let relay = self.relay.clone();
@@ -291,7 +299,10 @@ impl Ports for Source {
                 name: &name,
                 pool: &pool,
                 store: &store,
-                delete_chunk: relay.delete_batch_size,
+                // A batch is deleted in one statement, however large the claims grew.
+                delete_chunk: relay
+                    .delete_batch_size
+                    .max(landed.iter().map(|l| l.batch.len()).max().unwrap_or(0)),
                 dead_letter_size: relay.dead_letter_size,
                 park_for: relay.retry.backoff_max,
                 timeout: relay.operation_timeout,

@@ -118,6 +118,10 @@ pub struct Pipeline<'a, P: Ports> {
     settles_done: u64,
     holds: Holds,
     gate: Gate,
+    /// Rows the next claim asks for: `batch_size` while traffic is light, doubling up to
+    /// `max_batch_size` while claims come back full (a backlog), halving back while they
+    /// come back less than half full.
+    batch: usize,
     listening: bool,
     /// The lock may be another replica's: nothing more is claimed, sent or settled;
     /// what is with the producer lands unsettled and goes out again from the outbox.
@@ -133,6 +137,7 @@ impl<'a, P: Ports> Pipeline<'a, P> {
         db_outage: &'a mut Outage,
     ) -> Pipeline<'a, P> {
         let (publish_hist, batch_hist, e2e_hist) = obs.metrics.source_histograms(obs.name);
+        let batch_size = limits.batch_size.max(1);
         Pipeline {
             ports,
             limits,
@@ -157,6 +162,7 @@ impl<'a, P: Ports> Pipeline<'a, P> {
             settles_done: 0,
             holds: Holds::default(),
             gate: Gate::default(),
+            batch: batch_size,
             listening: true,
             fenced: false,
         }
@@ -207,7 +213,7 @@ impl<'a, P: Ports> Pipeline<'a, P> {
             return false;
         }
         // Ready batches that go out at once do not count as waiting.
-        let (depth, full) = (self.limits.in_flight.max(1), self.limits.batch_size);
+        let (depth, full) = (self.limits.in_flight.max(1), self.batch);
         let (mut out, mut rows) = (self.flights.len(), self.rows_out);
         let free = self
             .ready
@@ -253,7 +259,8 @@ impl<'a, P: Ports> Pipeline<'a, P> {
             )
             .collect();
         self.claim = ClaimSlot::Running {
-            task: self.ports.claim(exclude),
+            task: self.ports.claim(self.batch, exclude),
+            limit: self.batch,
             gen: self.settles_done,
             started: Instant::now(),
             stale: false,
@@ -264,7 +271,7 @@ impl<'a, P: Ports> Pipeline<'a, P> {
     /// Claimed batches go out while there is room, each filtered by the holds as they
     /// stand after the one before it.
     fn hand_over_ready(&mut self) {
-        let (depth, full) = (self.limits.in_flight.max(1), self.limits.batch_size);
+        let (depth, full) = (self.limits.in_flight.max(1), self.batch);
         while self.gate.open()
             && self.ready.front().is_some_and(|r| {
                 room(
@@ -366,7 +373,7 @@ impl<'a, P: Ports> Pipeline<'a, P> {
             && settle_now(
                 self.claim.is_running() && self.gate.ending.is_none(),
                 self.landed_rows,
-                self.limits.delete_batch_size,
+                self.limits.delete_batch_size.max(self.batch),
                 self.landed_since.elapsed(),
             )
         {
@@ -482,8 +489,10 @@ impl<'a, P: Ports> Pipeline<'a, P> {
             Ok(events) => {
                 self.db_ok();
                 // A full batch says more rows are waiting: claim the next one now, while
-                // this one waits for a slot.
-                self.want_claim |= events.len() >= self.limits.batch_size;
+                // this one waits for a slot, and a larger one.
+                let full = events.len() >= c.limit;
+                self.want_claim |= full;
+                self.batch = next_batch(self.batch, c.limit, events.len(), &self.limits);
                 if !events.is_empty() && self.gate.ending.is_none() {
                     self.ready.push_back(Ready {
                         events,
@@ -655,6 +664,24 @@ pub async fn lead<P: Ports>(
             _ = tokio::time::sleep_until(defer_until), if defer_armed => {}
             _ = cancel.cancelled(), if !ending => {}
         }
+    }
+}
+
+/// The size of the next claim after one of `limit` rows returned `got`: twice as large
+/// after a full one (up to `max_batch_size`), half as large after one less than half
+/// full (down to `batch_size`), else the same. A backlog is drained in large claims
+/// whatever `batch_size` says, and light traffic goes back to `batch_size`.
+fn next_batch(current: usize, limit: usize, got: usize, l: &Limits) -> usize {
+    let (min, max) = (
+        l.batch_size.max(1),
+        l.max_batch_size.max(l.batch_size).max(1),
+    );
+    if got >= limit {
+        (current * 2).min(max)
+    } else if got * 2 < limit {
+        (current / 2).max(min)
+    } else {
+        current
     }
 }
 

@@ -13,9 +13,14 @@ use crate::sink::{Acks, Failure};
 pub trait Ports: Send + Sync {
     /// One batch being handed to Kafka.
     type Batch: Handover;
-    /// Claims the next batch, leaving out `exclude` (the ids the pipeline holds). Runs
-    /// on its own task, so PostgreSQL reads while the pipeline hands a batch over.
-    fn claim(&self, exclude: Vec<i64>) -> BoxFuture<'static, Result<Vec<Event>, DbError>>;
+    /// Claims the next batch of at most `limit` rows, leaving out `exclude` (the ids the
+    /// pipeline holds). Runs on its own task, so PostgreSQL reads while the pipeline
+    /// hands a batch over.
+    fn claim(
+        &self,
+        limit: usize,
+        exclude: Vec<i64>,
+    ) -> BoxFuture<'static, Result<Vec<Event>, DbError>>;
     /// Starts a batch for Kafka.
     fn batch(&self) -> Self::Batch;
     /// Settles landed batches: deletes, retries, dead-letters; hands them back.
@@ -69,8 +74,10 @@ pub type SettleOutcome = (Vec<Landed>, Result<(), DbError>);
 /// The pipeline's settings.
 #[derive(Debug, Clone)]
 pub struct Limits {
-    /// `batch_size`: rows per claim.
+    /// `batch_size`: rows per claim while traffic is light.
     pub batch_size: usize,
+    /// `max_batch_size`: rows per claim at most, while a backlog drains.
+    pub max_batch_size: usize,
     /// `in_flight_batches`: batches with the producer at once.
     pub in_flight: usize,
     /// `delete_batch_size`: delivered rows worth a settle without waiting.

@@ -15,6 +15,8 @@ pub(super) enum ClaimSlot {
     Idle,
     Running {
         task: BoxFuture<'static, Result<Vec<Event>, DbError>>,
+        /// The rows it asked for.
+        limit: usize,
         /// Settles done when it started.
         gen: u64,
         started: Instant,
@@ -27,6 +29,7 @@ pub(super) enum ClaimSlot {
 /// A finished claim.
 pub(super) struct Claimed {
     pub(super) result: Result<Vec<Event>, DbError>,
+    pub(super) limit: usize,
     pub(super) gen: u64,
     pub(super) started: Instant,
     pub(super) stale: bool,
@@ -58,12 +61,14 @@ impl ClaimSlot {
         let result = task.await;
         match std::mem::replace(self, ClaimSlot::Idle) {
             ClaimSlot::Running {
+                limit,
                 gen,
                 started,
                 stale,
                 ..
             } => Claimed {
                 result,
+                limit,
                 gen,
                 started,
                 stale,

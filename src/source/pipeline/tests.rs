@@ -15,6 +15,8 @@ use crate::sink::Reason;
 const WAIT: Duration = Duration::from_secs(600);
 
 struct ClaimCall {
+    /// The rows it asked for.
+    limit: usize,
     exclude: Vec<i64>,
     reply: oneshot::Sender<Result<Vec<Event>, DbError>>,
 }
@@ -74,9 +76,17 @@ impl Handover for ScriptBatch {
 impl Ports for Script {
     type Batch = ScriptBatch;
 
-    fn claim(&self, exclude: Vec<i64>) -> BoxFuture<'static, Result<Vec<Event>, DbError>> {
+    fn claim(
+        &self,
+        limit: usize,
+        exclude: Vec<i64>,
+    ) -> BoxFuture<'static, Result<Vec<Event>, DbError>> {
         let (reply, answer) = oneshot::channel();
-        let _ = self.claims.send(ClaimCall { exclude, reply });
+        let _ = self.claims.send(ClaimCall {
+            limit,
+            exclude,
+            reply,
+        });
         async move {
             answer
                 .await
@@ -127,6 +137,7 @@ struct Harness {
 fn limits(batch_size: usize, in_flight: usize) -> Limits {
     Limits {
         batch_size,
+        max_batch_size: batch_size,
         in_flight,
         delete_batch_size: 100,
         retry: RetrySettings {
@@ -491,4 +502,53 @@ fn a_settle_waits_for_a_running_claim_only_within_bounds() {
         settle_now(true, 1, 100, SETTLE_DEFER_MAX),
         "claims ran back to back for too long"
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_backlog_is_claimed_in_growing_batches_and_light_traffic_goes_back_to_batch_size() {
+    let mut h = start(Limits {
+        max_batch_size: 80,
+        ..limits(10, 4)
+    });
+    // Kafka and the settles answer everything at once.
+    let (_, idle) = mpsc::unbounded_channel();
+    let mut publishes = std::mem::replace(&mut h.publishes, idle);
+    tokio::spawn(async move {
+        while let Some(p) = publishes.recv().await {
+            p.answer(|_| Ok(()));
+        }
+    });
+    let (_, idle) = mpsc::unbounded_channel();
+    let mut settles = std::mem::replace(&mut h.settles, idle);
+    tokio::spawn(async move {
+        while let Some(s) = settles.recv().await {
+            let _ = s.reply.send(Ok(()));
+        }
+    });
+    let mut id = 0;
+    let mut rows = |n: usize| -> Vec<Event> {
+        (0..n)
+            .map(|_| {
+                id += 1;
+                event(id, "A")
+            })
+            .collect()
+    };
+    // Full claims: each next one twice as large, up to max_batch_size.
+    for want in [10, 20, 40, 80, 80] {
+        let c = next(&mut h.claims, "claim").await;
+        assert_eq!(c.limit, want, "a full claim grows the next");
+        c.reply.send(Ok(rows(want))).unwrap();
+    }
+    // The backlog is gone: less than half full halves the next, down to batch_size.
+    let c = next(&mut h.claims, "claim").await;
+    assert_eq!(c.limit, 80);
+    c.reply.send(Ok(rows(30))).unwrap();
+    for want in [40, 20, 10, 10] {
+        h.notices.send(Notice::Notify("s".into())).unwrap();
+        let c = next(&mut h.claims, "claim").await;
+        assert_eq!(c.limit, want, "light traffic shrinks the claims");
+        c.reply.send(Ok(rows(1))).unwrap();
+    }
+    assert_eq!(finish(h).await, Ended::Cancelled);
 }
