@@ -74,6 +74,10 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> Result<Ru
     settings.require_sources()?;
     let settings = Arc::new(settings);
     let metrics = Arc::new(Metrics::new(&[]));
+    metrics
+        .wakeup_mode
+        .with_label_values(&[settings.wakeup.label()])
+        .set(1);
     let sink = Arc::new(
         sink::Sink::new(&settings.kafka, settings.operation_timeout)
             .context("create the Kafka producer")?,
@@ -149,6 +153,7 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> Result<Ru
         sources = settings.sources.len(),
         patterns = settings.patterns.len(),
         enabled = settings.enabled,
+        wakeup = settings.wakeup.label(),
         "relay started"
     );
 

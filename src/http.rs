@@ -246,7 +246,10 @@ async fn deep_check(st: &HttpState) -> (StatusCode, serde_json::Value) {
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    (code, json!({ "status": worst, "checks": checks }))
+    (
+        code,
+        json!({ "status": worst, "wakeup": st.settings.wakeup.label(), "checks": checks }),
+    )
 }
 
 async fn metrics(State(st): State<Arc<HttpState>>) -> Response {

@@ -60,6 +60,8 @@ pub struct Metrics {
     pub task_restarts: IntCounterVec,
     /// 1 while Kafka is unreachable for the source.
     pub kafka_outage: IntGaugeVec,
+    /// 1 for the wake-up mode in use (`wakeup`).
+    pub wakeup_mode: IntGaugeVec,
     /// Build information.
     pub build_info: IntGaugeVec,
     /// Unix time the process started.
@@ -225,6 +227,11 @@ impl Metrics {
             "1 while Kafka is unreachable for the source.",
             &["source"],
         );
+        let wakeup_mode = gauge(
+            "outbox_wakeup_mode",
+            "1 for the wake-up mode in use: notify (inserts notify while their source waits) or poll.",
+            &["mode"],
+        );
         let build_info = gauge(
             "outbox_relay_build_info",
             "Build information; always 1.",
@@ -280,6 +287,7 @@ impl Metrics {
             connections,
             task_restarts,
             kafka_outage,
+            wakeup_mode,
             build_info,
             start_time,
         };

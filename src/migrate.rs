@@ -46,10 +46,20 @@ pub const MIGRATIONS: &[Migration] = &[
         version: "004_outbox_max_retries_default.sql",
         sql: include_str!("../migrations/004_outbox_max_retries_default.sql"),
     },
+    Migration {
+        version: "005_outbox_notify_when_waiting.sql",
+        sql: include_str!("../migrations/005_outbox_notify_when_waiting.sql"),
+    },
 ];
 
-/// Advisory-lock class shared by the relay's locks (`pg_advisory_lock(class, key)`).
+/// Advisory-lock class shared by the relay's locks (`pg_advisory_lock(class, key)`):
+/// a source's lock is `(LOCK_CLASS, hashtext('relay:' || schema))`, a replica's
+/// membership `(LOCK_CLASS + 1, slot)`, and a source's waiting lock
+/// `(LOCK_CLASS + 2, hashtext(schema))`, which migration 005's trigger tests.
 pub const LOCK_CLASS: i32 = 0x0b0c_5e1a_u32 as i32;
+
+/// The advisory-lock class of a source's waiting lock (see migration 005).
+pub const WAIT_CLASS: i32 = LOCK_CLASS + 2;
 
 /// What `migrate` did to one schema.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -16,6 +16,7 @@ async fn metrics_count_every_event_and_every_series_exists_from_the_start() {
         .source("quiet")
         .partitions(2)
         .set("batch_size", 30)
+        .set("max_batch_size", 30)
         .start()
         .await;
     let (busy, quiet) = (&sc.sources[0], &sc.sources[1]);
@@ -95,6 +96,14 @@ async fn metrics_count_every_event_and_every_series_exists_from_the_start() {
         ),
         Some(1.0)
     );
+    assert_eq!(
+        m.value("outbox_wakeup_mode", &[("mode", "notify")]),
+        Some(1.0),
+        "the wake-up mode in use"
+    );
+    let (_, deep) = relay.get("/health/deep").await;
+    let deep: serde_json::Value = serde_json::from_str(&deep).unwrap();
+    assert_eq!(deep["wakeup"], "notify", "{deep}");
     relay.stop().await;
 }
 

@@ -55,8 +55,10 @@ pub struct Settings {
     /// (`OUTBOX_POOL_SIZE`). Besides them the relay keeps one coordination connection
     /// per database, so a replica holds at most `databases * (1 + pool_size)`.
     pub pool_size: usize,
-    /// How long an idle source waits before polling again, unless woken by a new row
-    /// (`OUTBOX_PROCESS_INTERVAL`; a bare number is seconds).
+    /// How an idle source learns of new rows (`OUTBOX_WAKEUP`).
+    pub wakeup: Wakeup,
+    /// How often the database is looked at for sources with rows to claim, the fallback
+    /// wake-up of idle sources (`OUTBOX_PROCESS_INTERVAL`; a bare number is seconds).
     #[serde(with = "humantime_serde_compat")]
     pub process_interval: Duration,
     /// Default attempts before an event is dead-lettered; a row's own `max_retries` wins
@@ -103,6 +105,29 @@ pub struct RetrySettings {
     pub backoff_max: Duration,
     /// What happens to an aggregate's later events once one of its events is dead-lettered.
     pub after_dead_letter: AfterDeadLetter,
+}
+
+/// How an idle source learns of new rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Wakeup {
+    /// An idle source holds its waiting lock, and inserts into its outbox NOTIFY while
+    /// it does (migration 005): milliseconds from commit to claim, and no NOTIFY (no
+    /// cluster-wide lock at commit) while the relay is busy.
+    Notify,
+    /// No source ever waits on the lock, so no insert notifies: the services' commits
+    /// pay nothing, and idle sources wake by the look every `process_interval`.
+    Poll,
+}
+
+impl Wakeup {
+    /// Its name in the configuration, logs and metrics.
+    pub fn label(self) -> &'static str {
+        match self {
+            Wakeup::Notify => "notify",
+            Wakeup::Poll => "poll",
+        }
+    }
 }
 
 /// What happens to an aggregate's later events once one of them is dead-lettered.

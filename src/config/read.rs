@@ -19,6 +19,7 @@ impl Settings {
         let in_flight_batches = t.int("in_flight_batches", 4, 1, 64);
         let pool_size = t.int("pool_size", 4, 1, 1_000);
         let process_interval = t.duration("process_interval", Duration::from_secs(5));
+        let wakeup = t.get("wakeup", Wakeup::Notify);
         let max_retries = t.int("max_retries", 3, 0, 1_000) as i32;
         let dead_letter_size = t.int("dead_letter_size", 1000, 0, i64::MAX as u64) as i64;
         let operation_timeout = t.duration("operation_timeout", Duration::from_secs(30));
@@ -257,6 +258,7 @@ impl Settings {
             delete_batch_size: delete_batch_size as usize,
             in_flight_batches: in_flight_batches as usize,
             pool_size: pool_size as usize,
+            wakeup,
             process_interval,
             max_retries,
             dead_letter_size,

@@ -45,7 +45,7 @@ use tracing::{debug, warn};
 use crate::db::{DatabaseUrl, DbError, Notice};
 use crate::health::SourceHealth;
 use crate::metrics::Metrics;
-use crate::migrate::LOCK_CLASS;
+use crate::migrate::{LOCK_CLASS, WAIT_CLASS};
 use crate::source::outage::{Outage, Problem};
 
 /// How often the members are counted, which also proves the connection still answers.
@@ -67,11 +67,14 @@ const COUNT_MEMBERS: &str = "SELECT count(*) FILTER (WHERE classid = $1::int4::o
          AND pid = pg_backend_pid()) \
      FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid = 2 \
      AND database = (SELECT oid FROM pg_database WHERE datname = current_database())";
-/// The key of each schema's source lock, as every version of the relay computes it.
-const LOCK_KEYS: &str = "SELECT k, hashtext('relay:' || k) FROM unnest($1::text[]) AS k";
+/// The key of each schema's source lock, as every version of the relay computes it,
+/// and of its waiting lock, as migration 005's trigger computes it.
+const LOCK_KEYS: &str =
+    "SELECT k, hashtext('relay:' || k), hashtext(k) FROM unnest($1::text[]) AS k";
 /// Takes what it can of the source locks `$2`; returns the keys it got.
 const LOCK_MANY: &str = "SELECT k FROM unnest($2::int4[]) AS k WHERE pg_try_advisory_lock($1, k)";
 const UNLOCK: &str = "SELECT pg_advisory_unlock($1, $2)";
+const TRY_LOCK: &str = "SELECT pg_try_advisory_lock($1, $2)";
 
 /// The coordination of one database's sources by this replica.
 pub struct Coordinator {
@@ -93,8 +96,9 @@ pub struct Coordinator {
 struct Entry {
     name: Arc<str>,
     health: Arc<SourceHealth>,
-    /// Its lock's key, once the server said it.
+    /// Its lock's key and its waiting lock's, once the server said them.
     key: Option<i32>,
+    wait_key: Option<i32>,
     /// Its task, waiting to lead.
     waiting: Option<oneshot::Sender<Leadership>>,
 }
@@ -120,6 +124,7 @@ pub struct CoordinationStatus {
 struct Statements {
     lock_many: tokio_postgres::Statement,
     unlock: tokio_postgres::Statement,
+    try_lock: tokio_postgres::Statement,
     count: tokio_postgres::Statement,
 }
 
@@ -136,6 +141,8 @@ struct Session {
     held: Mutex<HashMap<String, i32>>,
     /// Leads being handed over, not to be asked twice.
     releasing: Mutex<HashSet<String>>,
+    /// The sources waiting for rows, and their waiting locks' keys.
+    waiting: Mutex<HashMap<String, i32>>,
     /// Replicas alive at the last count (at least this one).
     members: AtomicUsize,
     /// The source-lock keys (`pg_locks.objid`) somebody held at the last count.
@@ -183,6 +190,7 @@ impl Coordinator {
                 name,
                 health,
                 key: None,
+                wait_key: None,
                 waiting: None,
             },
         );
@@ -221,6 +229,45 @@ impl Coordinator {
             if let Some(tx) = lock(&s.subscribers).get(schema) {
                 let _ = tx.send(Notice::Notify(schema.to_string()));
             }
+        }
+    }
+
+    /// The source of `schema` has nothing to do and would sleep: takes its waiting lock,
+    /// from which on every insert into its outbox notifies (migration 005). True once
+    /// held; false while an insert that did not notify is still in flight (it holds
+    /// the lock shared until it commits): claim again first.
+    pub async fn wait_for_rows(&self, schema: &str) -> Result<bool, DbError> {
+        let session = self
+            .live()
+            .ok_or_else(|| DbError::other("wait for rows", "coordination connection down"))?;
+        if lock(&session.waiting).contains_key(schema) {
+            return Ok(true);
+        }
+        let key = lock(&self.entries)
+            .get(schema)
+            .and_then(|e| e.wait_key)
+            .ok_or_else(|| DbError::other("wait for rows", "no key yet"))?;
+        let got: bool = bounded(
+            "waiting lock",
+            self.timeout,
+            session
+                .client
+                .query_one(&session.statements.try_lock, &[&WAIT_CLASS, &key]),
+        )
+        .await?
+        .try_get(0)
+        .map_err(|e| DbError::pg("waiting lock", &e))?;
+        if got {
+            lock(&session.waiting).insert(schema.to_string(), key);
+        }
+        Ok(got)
+    }
+
+    /// The source of `schema` works again: its waiting lock goes, and inserts stop
+    /// notifying. Queued on the connection behind what was asked before it.
+    pub fn stop_waiting(&self, schema: &str) {
+        if let Some(s) = self.live() {
+            s.stop_waiting(schema);
         }
     }
 
@@ -341,8 +388,10 @@ impl Coordinator {
         for r in &rows {
             let schema: String = r.try_get(0).map_err(|e| DbError::pg("lock keys", &e))?;
             let key: i32 = r.try_get(1).map_err(|e| DbError::pg("lock keys", &e))?;
+            let wait_key: i32 = r.try_get(2).map_err(|e| DbError::pg("lock keys", &e))?;
             if let Some(e) = entries.get_mut(&schema) {
                 e.key = Some(key);
+                e.wait_key = Some(wait_key);
             }
         }
         Ok(())
@@ -467,6 +516,7 @@ impl Session {
         let statements = Statements {
             lock_many: bounded("prepare", timeout, client.prepare(LOCK_MANY)).await?,
             unlock: bounded("prepare", timeout, client.prepare(UNLOCK)).await?,
+            try_lock: bounded("prepare", timeout, client.prepare(TRY_LOCK)).await?,
             count: bounded("prepare", timeout, client.prepare(COUNT_MEMBERS)).await?,
         };
         let session = Arc::new(Session {
@@ -476,6 +526,7 @@ impl Session {
             subscribers: Mutex::default(),
             held: Mutex::default(),
             releasing: Mutex::default(),
+            waiting: Mutex::default(),
             members: AtomicUsize::new(1),
             taken: Mutex::default(),
             closed: CancellationToken::new(),
@@ -567,6 +618,26 @@ impl Session {
         }
     }
 
+    /// Releases the waiting lock of `schema`, if this session holds it.
+    fn stop_waiting(self: &Arc<Self>, schema: &str) {
+        let Some(key) = lock(&self.waiting).remove(schema) else {
+            return;
+        };
+        let session = self.clone();
+        tokio::spawn(async move {
+            let r = session
+                .client
+                .execute(&session.statements.unlock, &[&WAIT_CLASS, &key])
+                .await;
+            if let Err(e) = r {
+                // Held but forgotten, the lock would make inserts notify for nothing and
+                // nest under the next one: give the connection up, and the lock with it.
+                warn!(error = %e, lock = key, "waiting lock unlock failed: reconnecting");
+                session.lost("waiting lock unlock failed");
+            }
+        });
+    }
+
     /// The lead of a source whose lock this session just took.
     fn leadership(self: Arc<Self>, schema: String, key: i32) -> Leadership {
         lock(&self.held).insert(schema.clone(), key);
@@ -591,6 +662,7 @@ impl Session {
         self.closed.cancel();
         lock(&self.held).clear();
         lock(&self.releasing).clear();
+        lock(&self.waiting).clear();
         for (_, tx) in lock(&self.subscribers).drain() {
             let _ = tx.send(Notice::Closed(why.to_string()));
         }
@@ -600,6 +672,9 @@ impl Session {
 
 impl Drop for Leadership {
     fn drop(&mut self) {
+        if tokio::runtime::Handle::try_current().is_ok() {
+            self.session.stop_waiting(&self.schema);
+        }
         lock(&self.session.subscribers).remove(&self.schema);
         lock(&self.session.releasing).remove(&self.schema);
         if lock(&self.session.held).remove(&self.schema).is_none()

@@ -31,7 +31,7 @@ use futures::FutureExt;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::config::{AfterDeadLetter, Settings, SourceSettings};
+use crate::config::{AfterDeadLetter, Settings, SourceSettings, Wakeup};
 use crate::database::{show_leader, Coordinator};
 use crate::db::DbError;
 use crate::event::Event;
@@ -229,6 +229,7 @@ impl Source {
         Limits {
             batch_size: self.relay.batch_size,
             max_batch_size: self.relay.max_batch_size,
+            announce: self.relay.wakeup == Wakeup::Notify,
             in_flight: self.relay.in_flight_batches,
             delete_batch_size: self.relay.delete_batch_size,
             retry: self.relay.retry.clone(),
@@ -285,6 +286,16 @@ impl Ports for Source {
 
     fn batch(&self) -> Outgoing {
         self.sink.outgoing(self.name.clone(), self.topic.clone())
+    }
+
+    fn wait_for_rows(&self) -> BoxFuture<'static, Result<bool, DbError>> {
+        let coordinator = self.coordinator.clone();
+        let schema = self.settings.schema.clone();
+        async move { coordinator.wait_for_rows(&schema).await }.boxed()
+    }
+
+    fn stop_waiting(&self) {
+        self.coordinator.stop_waiting(&self.settings.schema);
     }
 
     fn settle(&self, landed: Vec<Landed>) -> BoxFuture<'static, SettleOutcome> {

@@ -42,9 +42,11 @@ use crate::sink::{Acks, Blame, Failure};
 use super::holds::{Aggregate, Holds};
 use super::outage::{Outage, Problem};
 use super::settle::Settlement;
+use idle::{repoll_after, Idle, REPOLL};
 pub use ports::{Ended, Handover, Landed, Limits, Ports, SettleOutcome};
 use slots::{ClaimSlot, Claimed, Gate, SettleSlot};
 
+mod idle;
 mod ports;
 mod slots;
 
@@ -118,6 +120,15 @@ pub struct Pipeline<'a, P: Ports> {
     settles_done: u64,
     holds: Holds,
     gate: Gate,
+    /// Whether the source waits for rows (inserts notify) or works.
+    idle: Idle,
+    /// A claim found nothing and the source has not announced waiting yet.
+    announce: bool,
+    /// Announcements in a row that found an insert in flight.
+    announce_fails: u32,
+    /// When to claim again without a wake-up (after a short claim, or an announcement
+    /// that found an insert in flight).
+    repoll_at: Option<Instant>,
     /// Rows the next claim asks for: `batch_size` while traffic is light, doubling up to
     /// `max_batch_size` while claims come back full (a backlog), halving back while they
     /// come back less than half full.
@@ -163,6 +174,10 @@ impl<'a, P: Ports> Pipeline<'a, P> {
             holds: Holds::default(),
             gate: Gate::default(),
             batch: batch_size,
+            idle: Idle::Busy,
+            announce: false,
+            announce_fails: 0,
+            repoll_at: None,
             listening: true,
             fenced: false,
         }
@@ -493,6 +508,20 @@ impl<'a, P: Ports> Pipeline<'a, P> {
                 let full = events.len() >= c.limit;
                 self.want_claim |= full;
                 self.batch = next_batch(self.batch, c.limit, events.len(), &self.limits);
+                if events.is_empty() {
+                    if self.idle.holds_lock() {
+                        // The last look found nothing: asleep until a wake-up.
+                        self.idle = Idle::Waiting;
+                    } else {
+                        self.announce = self.limits.announce;
+                    }
+                } else {
+                    self.work();
+                    if !full {
+                        // More are likely coming, and no notification will say so.
+                        self.repoll_at = Some(Instant::now() + REPOLL);
+                    }
+                }
                 if !events.is_empty() && self.gate.ending.is_none() {
                     self.ready.push_back(Ready {
                         events,
@@ -531,7 +560,11 @@ impl<'a, P: Ports> Pipeline<'a, P> {
     /// A wake-up, or the lock's connection ended.
     fn on_notice(&mut self, n: Option<Notice>) {
         match n {
-            Some(Notice::Notify(s)) => self.want_claim |= s == self.obs.schema,
+            Some(Notice::Notify(s)) if s == self.obs.schema => {
+                self.work();
+                self.want_claim = true;
+            }
+            Some(Notice::Notify(_)) => {}
             Some(Notice::HandOver) => {
                 self.gate.ending.get_or_insert(Ended::HandedOver);
             }
@@ -555,6 +588,47 @@ impl<'a, P: Ports> Pipeline<'a, P> {
         self.landed.clear();
         self.landed_rows = 0;
         self.gate.ending.get_or_insert(Ended::LostLock(why));
+    }
+
+    /// The source has rows again: if it waited, inserts stop notifying.
+    fn work(&mut self) {
+        self.announce = false;
+        self.announce_fails = 0;
+        if self.idle.holds_lock() {
+            self.ports.stop_waiting();
+            self.idle = Idle::Busy;
+        }
+    }
+
+    /// Whether to announce waiting now: a claim found nothing, and nothing else is to
+    /// be done or in the way.
+    fn may_announce(&self) -> bool {
+        self.announce
+            && matches!(self.idle, Idle::Busy)
+            && !self.want_claim
+            && !self.claim.is_running()
+            && self.ready.is_empty()
+            && self.gate.ending.is_none()
+            && self.gate.open()
+    }
+
+    /// The waiting lock's answer.
+    fn on_announced(&mut self, r: Result<bool, DbError>) {
+        self.announce = false;
+        match r {
+            Ok(true) => {
+                // Every insert that did not notify has ended: one last look.
+                self.announce_fails = 0;
+                self.idle = Idle::Rechecking;
+                self.want_claim = true;
+            }
+            Ok(false) | Err(_) => {
+                // An insert that did not notify is in flight (or the coordination
+                // connection is in trouble, which ends the lead): claim again soon.
+                self.repoll_at = Some(repoll_after(self.announce_fails));
+                self.announce_fails += 1;
+            }
+        }
     }
 
     /// A pause ended.
@@ -639,7 +713,13 @@ pub async fn lead<P: Ports>(
         }
         p.hand_over_ready();
         p.start_settle();
+        if p.may_announce() {
+            p.idle = Idle::Announcing(p.ports.wait_for_rows());
+        }
         let paused_until = p.gate.paused_until;
+        let repoll_at = p
+            .repoll_at
+            .filter(|_| !p.claim.is_running() && !p.want_claim);
         let defer_until = p.landed_since + SETTLE_DEFER_MAX;
         let defer_armed = !p.settling.is_running() && !p.landed.is_empty() && p.claim.is_running();
         let ending = p.gate.ending.is_some();
@@ -652,6 +732,8 @@ pub async fn lead<P: Ports>(
                 && !p.settling.is_running()
                 && p.landed.is_empty()
                 && paused_until.is_none()
+                && repoll_at.is_none()
+                && !p.idle.is_announcing()
                 && p.ready.is_empty(),
         );
         tokio::select! {
@@ -659,6 +741,12 @@ pub async fn lead<P: Ports>(
             c = p.claim.wait(), if p.claim.is_running() => p.on_claimed(c),
             s = p.settling.wait(), if p.settling.is_running() => p.on_settled(s),
             n = notices.recv(), if p.listening => p.on_notice(n),
+            r = p.idle.announced(), if p.idle.is_announcing() => p.on_announced(r),
+            _ = tokio::time::sleep_until(repoll_at.unwrap_or_else(Instant::now)),
+                if repoll_at.is_some() => {
+                p.repoll_at = None;
+                p.want_claim = true;
+            }
             _ = tokio::time::sleep_until(paused_until.unwrap_or_else(Instant::now)),
                 if paused_until.is_some() => p.on_resume(),
             _ = tokio::time::sleep_until(defer_until), if defer_armed => {}

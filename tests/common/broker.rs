@@ -387,6 +387,67 @@ pub fn consume(bootstrap: &str, topic: &str, expected: usize, deadline: Duration
     got
 }
 
+/// A consumer thread reading a topic from the beginning as records arrive; it stops
+/// when dropped. For tests that time arrivals.
+pub struct Stream {
+    rx: std::sync::mpsc::Receiver<(Instant, Option<String>)>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Stream {
+    /// Starts reading `topic` once its partitions have leaders. Blocking.
+    pub fn start(bootstrap: &str, topic: &str) -> Stream {
+        let consumer: BaseConsumer = kafka_config(bootstrap)
+            .set("fetch.wait.max.ms", "1")
+            .create()
+            .expect("create consumer");
+        let end = Instant::now() + Duration::from_secs(30);
+        let partitions = loop {
+            if let Some(p) = ready_partitions(&consumer, topic, Duration::from_secs(1)) {
+                break p;
+            }
+            assert!(Instant::now() < end, "topic {topic} not ready within 30s");
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let mut tpl = TopicPartitionList::new();
+        for p in &partitions {
+            tpl.add_partition_offset(topic, *p, Offset::Beginning)
+                .expect("add partition");
+        }
+        consumer.assign(&tpl).expect("assign");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = stop.clone();
+        let topic = topic.to_string();
+        std::thread::spawn(move || {
+            while !stopped.load(std::sync::atomic::Ordering::Relaxed) {
+                match consumer.poll(Duration::from_millis(50)) {
+                    Some(Ok(m)) => {
+                        let value = m.payload().map(|b| String::from_utf8_lossy(b).into_owned());
+                        if tx.send((Instant::now(), value)).is_err() {
+                            return;
+                        }
+                    }
+                    Some(Err(e)) => eprintln!("stream({topic}): {e}"),
+                    None => {}
+                }
+            }
+        });
+        Stream { rx, stop }
+    }
+
+    /// The next record's arrival time and value, within `timeout`.
+    pub fn next(&self, timeout: Duration) -> Option<(Instant, Option<String>)> {
+        self.rx.recv_timeout(timeout).ok()
+    }
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// [`consume`] on the blocking thread pool, for async tests.
 pub async fn consume_async(
     bootstrap: &str,

@@ -23,6 +23,12 @@ pub trait Ports: Send + Sync {
     ) -> BoxFuture<'static, Result<Vec<Event>, DbError>>;
     /// Starts a batch for Kafka.
     fn batch(&self) -> Self::Batch;
+    /// The source found nothing to claim: announces that it waits for rows. True: it
+    /// waits, and from now on every insert notifies; false: an insert that did not
+    /// notify is still in flight, so claim again first.
+    fn wait_for_rows(&self) -> BoxFuture<'static, Result<bool, DbError>>;
+    /// The source works again: inserts stop notifying.
+    fn stop_waiting(&self);
     /// Settles landed batches: deletes, retries, dead-letters; hands them back.
     fn settle(&self, landed: Vec<Landed>) -> BoxFuture<'static, SettleOutcome>;
 }
@@ -82,6 +88,9 @@ pub struct Limits {
     pub in_flight: usize,
     /// `delete_batch_size`: delivered rows worth a settle without waiting.
     pub delete_batch_size: usize,
+    /// `wakeup = "notify"`: announce waiting, so that inserts notify; `"poll"`: never
+    /// (idle sources wake by the database's look every `process_interval`).
+    pub announce: bool,
     /// `[retry]`: what a failure does to its event, and the outage backoff's base.
     pub retry: RetrySettings,
 }

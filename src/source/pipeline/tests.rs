@@ -7,6 +7,7 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
+use super::idle::REPOLL;
 use super::*;
 use crate::config::{AfterDeadLetter, RetrySettings};
 use crate::sink::Reason;
@@ -39,6 +40,10 @@ impl PublishCall {
     }
 }
 
+struct WaitCall {
+    reply: oneshot::Sender<Result<bool, DbError>>,
+}
+
 struct SettleCall {
     delivered: Vec<i64>,
     retries: Vec<i64>,
@@ -50,6 +55,8 @@ struct Script {
     claims: mpsc::UnboundedSender<ClaimCall>,
     publishes: mpsc::UnboundedSender<PublishCall>,
     settles: mpsc::UnboundedSender<SettleCall>,
+    waits: mpsc::UnboundedSender<WaitCall>,
+    stops: mpsc::UnboundedSender<()>,
 }
 
 struct ScriptBatch {
@@ -102,6 +109,21 @@ impl Ports for Script {
         }
     }
 
+    fn wait_for_rows(&self) -> BoxFuture<'static, Result<bool, DbError>> {
+        let (reply, answer) = oneshot::channel();
+        let _ = self.waits.send(WaitCall { reply });
+        async move {
+            answer
+                .await
+                .unwrap_or_else(|_| Err(DbError::other("wait", "the test dropped it")))
+        }
+        .boxed()
+    }
+
+    fn stop_waiting(&self) {
+        let _ = self.stops.send(());
+    }
+
     fn settle(&self, landed: Vec<Landed>) -> BoxFuture<'static, SettleOutcome> {
         let (reply, answer) = oneshot::channel();
         let all = |f: fn(&Settlement) -> Vec<i64>| -> Vec<i64> {
@@ -128,6 +150,8 @@ struct Harness {
     claims: mpsc::UnboundedReceiver<ClaimCall>,
     publishes: mpsc::UnboundedReceiver<PublishCall>,
     settles: mpsc::UnboundedReceiver<SettleCall>,
+    waits: mpsc::UnboundedReceiver<WaitCall>,
+    stops: mpsc::UnboundedReceiver<()>,
     notices: mpsc::UnboundedSender<Notice>,
     cancel: CancellationToken,
     metrics: Arc<Metrics>,
@@ -138,6 +162,7 @@ fn limits(batch_size: usize, in_flight: usize) -> Limits {
     Limits {
         batch_size,
         max_batch_size: batch_size,
+        announce: true,
         in_flight,
         delete_batch_size: 100,
         retry: RetrySettings {
@@ -152,6 +177,8 @@ fn start(limits: Limits) -> Harness {
     let (claims_tx, claims) = mpsc::unbounded_channel();
     let (publishes_tx, publishes) = mpsc::unbounded_channel();
     let (settles_tx, settles) = mpsc::unbounded_channel();
+    let (waits_tx, waits) = mpsc::unbounded_channel();
+    let (stops_tx, stops) = mpsc::unbounded_channel();
     let (notices, mut notices_rx) = mpsc::unbounded_channel();
     let cancel = CancellationToken::new();
     let metrics = Arc::new(Metrics::new(&["s"]));
@@ -161,6 +188,8 @@ fn start(limits: Limits) -> Harness {
             claims: claims_tx,
             publishes: publishes_tx,
             settles: settles_tx,
+            waits: waits_tx,
+            stops: stops_tx,
         };
         let health = SourceHealth::new();
         #[cfg(feature = "test-hooks")]
@@ -181,6 +210,8 @@ fn start(limits: Limits) -> Harness {
         claims,
         publishes,
         settles,
+        waits,
+        stops,
         notices,
         cancel,
         metrics,
@@ -204,6 +235,7 @@ async fn ended(mut h: Harness) -> Ended {
             Some(c) = h.claims.recv() => { let _ = c.reply.send(Ok(vec![])); }
             Some(p) = h.publishes.recv() => p.answer(|_| Ok(())),
             Some(s) = h.settles.recv() => { let _ = s.reply.send(Ok(())); }
+            Some(w) = h.waits.recv() => { let _ = w.reply.send(Ok(true)); }
             _ = tokio::time::sleep_until(deadline) => panic!("the lead did not end within {WAIT:?}"),
         }
     }
@@ -550,5 +582,74 @@ async fn a_backlog_is_claimed_in_growing_batches_and_light_traffic_goes_back_to_
         assert_eq!(c.limit, want, "light traffic shrinks the claims");
         c.reply.send(Ok(rows(1))).unwrap();
     }
+    assert_eq!(finish(h).await, Ended::Cancelled);
+}
+
+#[tokio::test(start_paused = true)]
+async fn nothing_to_claim_announces_waiting_then_looks_once_more_before_sleeping() {
+    let mut h = start(limits(10, 2));
+    claim_returns(&mut h, vec![]).await;
+    let w = next(&mut h.waits, "announcement").await;
+    none_for(&mut h.claims, Duration::from_secs(1), "claim").await;
+    w.reply.send(Ok(true)).unwrap();
+    // The lock is held: every insert that did not notify has ended; one last look.
+    claim_returns(&mut h, vec![]).await;
+    none_for(&mut h.claims, Duration::from_secs(3600), "claim").await;
+    assert!(h.waits.try_recv().is_err(), "announced twice");
+    // A wake-up: inserts stop notifying, and the source claims.
+    h.notices.send(Notice::Notify("s".into())).unwrap();
+    next(&mut h.stops, "stop waiting").await;
+    claim_returns(&mut h, vec![]).await;
+    assert_eq!(finish(h).await, Ended::Cancelled);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_last_look_that_finds_rows_stops_waiting() {
+    let mut h = start(limits(10, 2));
+    claim_returns(&mut h, vec![]).await;
+    next(&mut h.waits, "announcement")
+        .await
+        .reply
+        .send(Ok(true))
+        .unwrap();
+    // A row committed just before the lock was held: the last look finds it.
+    claim_returns(&mut h, vec![event(1, "A")]).await;
+    next(&mut h.stops, "stop waiting").await;
+    next(&mut h.publishes, "hand-over").await.answer(|_| Ok(()));
+    assert_eq!(finish(h).await, Ended::Cancelled);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_insert_in_flight_makes_it_claim_again_soon_backing_off() {
+    let mut h = start(limits(10, 2));
+    claim_returns(&mut h, vec![]).await;
+    let mut gaps = Vec::new();
+    for _ in 0..6 {
+        // An insert that did not notify holds the lock shared: not waiting yet.
+        next(&mut h.waits, "announcement")
+            .await
+            .reply
+            .send(Ok(false))
+            .unwrap();
+        let asked = Instant::now();
+        claim_returns(&mut h, vec![]).await;
+        gaps.push(asked.elapsed());
+    }
+    let ms: Vec<u128> = gaps.iter().map(|d| d.as_millis()).collect();
+    assert_eq!(ms, [2, 4, 8, 16, 32, 32], "claims again soon, backing off");
+    assert_eq!(finish(h).await, Ended::Cancelled);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_short_claim_with_rows_claims_again_without_a_notification() {
+    let mut h = start(limits(10, 2));
+    claim_returns(&mut h, vec![event(1, "A")]).await;
+    next(&mut h.publishes, "hand-over").await.answer(|_| Ok(()));
+    let asked = Instant::now();
+    // Rows keep coming while the source works, and inserts do not notify then.
+    claim_returns(&mut h, vec![]).await;
+    assert!(asked.elapsed() <= REPOLL, "{:?}", asked.elapsed());
+    assert!(h.waits.try_recv().is_err());
+    next(&mut h.waits, "announcement").await;
     assert_eq!(finish(h).await, Ended::Cancelled);
 }
