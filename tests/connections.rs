@@ -256,3 +256,49 @@ async fn a_replica_below_its_share_asks_for_no_lock_that_another_holds() {
         r.stop().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn relays_configured_with_other_sources_do_not_shrink_each_others_share() {
+    // Two relay deployments on one database, each with its own sources: each is a
+    // group of one and leads all of its sources, not half.
+    let mut b = Scenario::builder();
+    for i in 0..6 {
+        b = b.source(&format!("team{i}"));
+    }
+    let sc = b.migrated().await;
+    let names: Vec<String> = sc.sources.iter().map(|s| s.name.clone()).collect();
+    let mut first = sc.config.clone();
+    let mut second = sc.config.clone();
+    for (i, n) in names.iter().enumerate() {
+        if i < 3 {
+            second = second.source_remove(n);
+        } else {
+            first = first.source_remove(n);
+        }
+    }
+    let mut a = TestRelay::start(first.settings()).await;
+    let mut b = TestRelay::start(second.settings()).await;
+    eventually("each leads its own three", DEADLINE, async || {
+        led(&a, &names[..3]) == 3 && led(&b, &names[3..]) == 3
+    })
+    .await;
+    let (_, text) = a.get("/metrics").await;
+    assert_eq!(
+        Metrics::parse(&text).value("outbox_replicas", &[]),
+        Some(1.0),
+        "the other deployment is not one of its replicas"
+    );
+    for src in &sc.sources {
+        sc.insert_events(src, 10, 2, 0);
+    }
+    for src in &sc.sources {
+        assert_eq!(
+            audit(&sc.consume(&src.topic, 10).await),
+            (10, 0, 0),
+            "{}",
+            src.name
+        );
+    }
+    a.stop().await;
+    b.stop().await;
+}

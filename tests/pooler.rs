@@ -52,6 +52,13 @@ async fn a_coordination_connection_through_a_transaction_pooler_is_refused() {
         "the source says why it is not led"
     );
     assert_eq!(sc.outbox_rows(src), 5, "nothing published");
+    // Nobody leads the source, so this replica shows its backlog.
+    relay
+        .until("/metrics", DEADLINE, |_, b| {
+            common::Metrics::parse(b).value("outbox_events_pending", &[("source", &src.name)])
+                == Some(5.0)
+        })
+        .await;
     assert_eq!(source_locks(&sc.pg.url("postgres")).await, 0);
     relay.stop().await;
     drop(bouncer);

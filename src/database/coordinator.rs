@@ -56,17 +56,30 @@ pub const MEMBERSHIP_POLL: Duration = Duration::from_secs(1);
 /// frees its locks for another replica: the sources led over it must have stopped by
 /// then, whatever `operation_timeout` says.
 pub const FENCE_WITHIN: Duration = Duration::from_secs(15);
-/// The advisory-lock class of the replicas' membership locks (key: a slot number).
+/// The advisory-lock class of the replicas' membership locks. The key is the replica
+/// group (24 bits, [`group_of`]) and a slot (8 bits): replicas configured with the same
+/// sources for a database count each other, and another relay deployment on the same
+/// database does not shrink their share.
 const MEMBER_CLASS: i32 = LOCK_CLASS + 1;
-/// Live members of this database (the membership locks granted), the keys of the
-/// source locks held by anyone, and whether this connection's own membership lock
-/// (`$3`) is held by the server process answering: one look at pg_locks.
-const COUNT_MEMBERS: &str = "SELECT count(*) FILTER (WHERE classid = $1::int4::oid), \
-     COALESCE(array_agg(objid::int8) FILTER (WHERE classid = $2::int4::oid), '{}'), \
-     count(*) FILTER (WHERE classid = $1::int4::oid AND objid = $3::int4::oid \
-         AND pid = pg_backend_pid()) \
-     FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid = 2 \
-     AND database = (SELECT oid FROM pg_database WHERE datname = current_database())";
+/// Replicas of a group at most.
+const SLOTS: i64 = 256;
+/// One look at pg_locks: the live members of this replica's group ($4), the keys of
+/// the source locks held by anyone, whether this connection's own membership lock ($3)
+/// is held by the server process answering, and how many sources the least loaded
+/// other member of the group leads (-1: none).
+const COUNT_MEMBERS: &str = "WITH l AS (SELECT pid, classid::int8 AS c, objid::int8 AS o \
+         FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid = 2 \
+         AND database = (SELECT oid FROM pg_database WHERE datname = current_database())), \
+     m AS (SELECT pid FROM l WHERE c = $1 AND o / 256 = $4) \
+     SELECT (SELECT count(*) FROM m), \
+         COALESCE((SELECT array_agg(o) FROM l WHERE c = $2), '{}'), \
+         (SELECT count(*) FROM l WHERE c = $1 AND o = $3 AND pid = pg_backend_pid()), \
+         COALESCE((SELECT min((SELECT count(*) FROM l s WHERE s.pid = m.pid AND s.c = $2)) \
+             FROM m WHERE m.pid <> pg_backend_pid()), -1)";
+/// Looks a waiting source must stay free before a replica at its share takes it
+/// anyway: no source is left unled because every replica is at its share (one gave it
+/// up for want of a connection, or the others do not know it).
+const STARVED_LOOKS: u32 = 3;
 /// The key of each schema's source lock, as every version of the relay computes it,
 /// and of its waiting lock, as migration 005's trigger computes it.
 const LOCK_KEYS: &str =
@@ -81,6 +94,8 @@ pub struct Coordinator {
     url: DatabaseUrl,
     /// The database, as metrics and logs name it.
     database: String,
+    /// This replica's group: [`group_of`] its sources' configuration.
+    group: i64,
     timeout: Duration,
     metrics: Arc<Metrics>,
     /// The database's sources, by schema.
@@ -101,6 +116,8 @@ struct Entry {
     wait_key: Option<i32>,
     /// Its task, waiting to lead.
     waiting: Option<oneshot::Sender<Leadership>>,
+    /// Looks in a row that found it waiting and free.
+    free_looks: u32,
 }
 
 /// What `/health/deep` shows of a database's coordination.
@@ -132,8 +149,15 @@ struct Statements {
 struct Session {
     client: tokio_postgres::Client,
     statements: Statements,
-    /// Its membership lock's key.
-    slot: i32,
+    /// Its membership lock's key, as `pg_locks.objid`.
+    member_objid: i64,
+    /// Its group.
+    group: i64,
+    /// Sources the least loaded other member of the group led at the last count (-1:
+    /// no other member).
+    least_other: std::sync::atomic::AtomicI64,
+    /// Sources taken beyond the share because they starved: not handed over again.
+    starved: Mutex<HashSet<String>>,
     /// Wake-ups and the connection's end, for each schema this replica leads.
     subscribers: Mutex<HashMap<String, UnboundedSender<Notice>>>,
     /// The schemas whose lock this session holds, and their keys (advisory locks nest
@@ -154,7 +178,8 @@ struct Session {
 /// The lock of one source, held. Dropping it unlocks the source (or, if the connection
 /// is gone, there is nothing left to unlock).
 pub struct Leadership {
-    session: Arc<Session>,
+    /// Weak: a connection given up closes at once, not when its last lead ends.
+    session: std::sync::Weak<Session>,
     schema: String,
     key: i32,
     /// The source's wake-ups; says `Closed` when the connection is lost.
@@ -163,16 +188,19 @@ pub struct Leadership {
 
 impl Coordinator {
     /// The coordinator of the database behind `url` (its coordination URL), named
-    /// `database` in metrics and logs; connects once a source is registered.
+    /// `database` in metrics and logs, for the replicas of `group`; connects once a
+    /// source is registered.
     pub fn new(
         url: DatabaseUrl,
         database: String,
+        group: u32,
         timeout: Duration,
         metrics: Arc<Metrics>,
     ) -> Coordinator {
         Coordinator {
             url,
             database,
+            group: (group & 0xff_ffff) as i64,
             timeout,
             metrics,
             entries: Mutex::default(),
@@ -192,6 +220,7 @@ impl Coordinator {
                 key: None,
                 wait_key: None,
                 waiting: None,
+                free_looks: 0,
             },
         );
         self.kick.notify_one();
@@ -243,6 +272,13 @@ impl Coordinator {
         if lock(&session.waiting).contains_key(schema) {
             return Ok(true);
         }
+        if !lock(&session.held).contains_key(schema) {
+            // The lead was on a connection since given up: it is ending.
+            return Err(DbError::other(
+                "wait for rows",
+                "not led on this connection",
+            ));
+        }
         let key = lock(&self.entries)
             .get(schema)
             .and_then(|e| e.wait_key)
@@ -269,6 +305,15 @@ impl Coordinator {
         if let Some(s) = self.live() {
             s.stop_waiting(schema);
         }
+    }
+
+    /// Whether some replica led the source of `schema` at the last look; `None` when
+    /// this replica cannot tell (no coordination connection, or the key is not known).
+    pub fn led_by_anyone(&self, schema: &str) -> Option<bool> {
+        let session = self.live()?;
+        let key = lock(&self.entries).get(schema)?.key?;
+        let taken = lock(&session.taken).contains(&objid(key));
+        Some(taken || lock(&session.held).contains_key(schema))
     }
 
     /// Replicas alive at the last count, if the coordination connection is up.
@@ -353,7 +398,7 @@ impl Coordinator {
         let session = match self.live() {
             Some(s) => s,
             None => {
-                let s = Session::open(&self.url, self.timeout).await?;
+                let s = Session::open(&self.url, self.timeout, self.group).await?;
                 *lock(&self.session) = Some(s.clone());
                 s
             }
@@ -397,29 +442,39 @@ impl Coordinator {
         Ok(())
     }
 
-    /// Takes free sources whose tasks wait, up to this replica's share, in one
-    /// statement, and hands each its [`Leadership`].
+    /// Takes free sources whose tasks wait, up to this replica's share (and beyond it
+    /// those left free for [`STARVED_LOOKS`]), in one statement, and hands each its
+    /// [`Leadership`].
     async fn take_free(&self, session: &Arc<Session>, deadline: Duration) -> Result<(), DbError> {
-        let candidates: Vec<(String, i32)> = {
+        let (candidates, starved): (Vec<(String, i32)>, HashSet<String>) = {
             let mut entries = lock(&self.entries);
             let held = lock(&session.held);
             let room = session.share(entries.len()).saturating_sub(held.len());
-            if room == 0 {
-                return Ok(());
-            }
             let taken = lock(&session.taken);
-            let mut free: Vec<(String, i32)> = entries
-                .iter_mut()
-                .filter(|(s, e)| {
-                    e.waiting.as_ref().is_some_and(|w| !w.is_closed()) && !held.contains_key(*s)
-                })
-                .filter_map(|(s, e)| Some((s.clone(), e.key?)))
-                .filter(|(_, k)| !taken.contains(&objid(*k)))
-                .collect();
+            let mut free: Vec<(String, i32, bool)> = Vec::new();
+            for (s, e) in entries.iter_mut() {
+                let waits = e.waiting.as_ref().is_some_and(|w| !w.is_closed());
+                let free_now = waits
+                    && !held.contains_key(s)
+                    && e.key.is_some_and(|k| !taken.contains(&objid(k)));
+                e.free_looks = if free_now { e.free_looks + 1 } else { 0 };
+                if let (true, Some(k)) = (free_now, e.key) {
+                    free.push((s.clone(), k, e.free_looks > STARVED_LOOKS));
+                }
+            }
             // Replicas that look at the same moment mostly ask for different sources.
             free.shuffle(&mut rand::rng());
-            free.truncate(room);
-            free
+            let mut picked = Vec::new();
+            let mut starved = HashSet::new();
+            for (s, k, long_free) in free {
+                if picked.len() < room {
+                    picked.push((s, k));
+                } else if long_free {
+                    starved.insert(s.clone());
+                    picked.push((s, k));
+                }
+            }
+            (picked, starved)
         };
         if candidates.is_empty() {
             return Ok(());
@@ -435,6 +490,10 @@ impl Coordinator {
         .await?;
         let got: HashSet<i32> = rows.iter().filter_map(|r| r.try_get(0).ok()).collect();
         for (schema, key) in candidates.into_iter().filter(|(_, k)| got.contains(k)) {
+            if starved.contains(&schema) {
+                warn!(database = %self.database, schema, "took a source beyond this replica's share: it stayed free for {STARVED_LOOKS} looks (do the other replicas know it, and have connections free?)");
+                lock(&session.starved).insert(schema.clone());
+            }
             let leadership = session.clone().leadership(schema.clone(), key);
             let waiting = lock(&self.entries)
                 .get_mut(&schema)
@@ -485,7 +544,11 @@ impl Session {
     /// Connects, makes sure the connection is a session of its own, LISTENs, takes a
     /// membership slot, prepares its statements, and starts the task that hands out
     /// wake-ups.
-    async fn open(url: &DatabaseUrl, timeout: Duration) -> Result<Arc<Session>, DbError> {
+    async fn open(
+        url: &DatabaseUrl,
+        timeout: Duration,
+        group: i64,
+    ) -> Result<Arc<Session>, DbError> {
         let (client, mut messages) = url.connect(timeout).await?;
         check_own_session(url, &client, timeout).await?;
         bounded(
@@ -494,14 +557,21 @@ impl Session {
             client.batch_execute("LISTEN outbox_relay"),
         )
         .await?;
-        let mut slot = 0i32;
-        loop {
+        let mut slot = 0i64;
+        let member_key = loop {
+            if slot >= SLOTS {
+                return Err(DbError::other(
+                    "membership lock",
+                    format!("{SLOTS} replicas of this relay already share the database"),
+                ));
+            }
+            let key = (group * SLOTS + slot) as u32 as i32;
             let row = bounded(
                 "membership lock",
                 timeout,
                 client.query_one(
                     "SELECT pg_try_advisory_lock($1, $2)",
-                    &[&MEMBER_CLASS, &slot],
+                    &[&MEMBER_CLASS, &key],
                 ),
             )
             .await?;
@@ -509,10 +579,10 @@ impl Session {
                 .try_get::<_, bool>(0)
                 .map_err(|e| DbError::pg("membership lock", &e))?
             {
-                break;
+                break key;
             }
             slot += 1;
-        }
+        };
         let statements = Statements {
             lock_many: bounded("prepare", timeout, client.prepare(LOCK_MANY)).await?,
             unlock: bounded("prepare", timeout, client.prepare(UNLOCK)).await?,
@@ -522,7 +592,10 @@ impl Session {
         let session = Arc::new(Session {
             client,
             statements,
-            slot,
+            member_objid: objid(member_key),
+            group,
+            least_other: std::sync::atomic::AtomicI64::new(-1),
+            starved: Mutex::default(),
             subscribers: Mutex::default(),
             held: Mutex::default(),
             releasing: Mutex::default(),
@@ -531,7 +604,7 @@ impl Session {
             taken: Mutex::default(),
             closed: CancellationToken::new(),
         });
-        debug!(slot, "joined as a relay replica");
+        debug!(slot, group, "joined as a relay replica");
         let s = Arc::downgrade(&session);
         let closed = session.closed.clone();
         tokio::spawn(async move {
@@ -569,13 +642,19 @@ impl Session {
             deadline,
             self.client.query_one(
                 &self.statements.count,
-                &[&MEMBER_CLASS, &LOCK_CLASS, &self.slot],
+                &[
+                    &(MEMBER_CLASS as i64),
+                    &(LOCK_CLASS as i64),
+                    &self.member_objid,
+                    &self.group,
+                ],
             ),
         )
         .await?;
         let n: i64 = row.try_get(0).map_err(pg)?;
         let held: Vec<i64> = row.try_get(1).map_err(pg)?;
         let own: i64 = row.try_get(2).map_err(pg)?;
+        let least_other: i64 = row.try_get(3).map_err(pg)?;
         if own != 1 {
             return Err(DbError::not_a_session(
                 "count members",
@@ -583,6 +662,7 @@ impl Session {
             ));
         }
         self.members.store((n as usize).max(1), Ordering::Relaxed);
+        self.least_other.store(least_other, Ordering::Relaxed);
         *lock(&self.taken) = held.into_iter().collect();
         Ok(())
     }
@@ -596,18 +676,27 @@ impl Session {
         sources.div_ceil(self.members())
     }
 
-    /// Leading more than the share (a replica joined): asks the excess to hand over.
+    /// Leading more than the share while another member of the group leads less (a
+    /// replica joined): asks the excess to hand over.
     fn rebalance(&self, sources: usize) {
         let share = self.share(sources);
+        let least_other = self.least_other.load(Ordering::Relaxed);
+        if least_other < 0 || least_other as usize >= share {
+            // Nobody of the group has room: handing over would leave sources unled.
+            return;
+        }
         let held = lock(&self.held);
         let mut releasing = lock(&self.releasing);
+        let starved = lock(&self.starved);
         let keeping = held.len().saturating_sub(releasing.len());
         if keeping <= share {
             return;
         }
         let subscribers = lock(&self.subscribers);
-        let mut candidates: Vec<&String> =
-            held.keys().filter(|s| !releasing.contains(*s)).collect();
+        let mut candidates: Vec<&String> = held
+            .keys()
+            .filter(|s| !releasing.contains(*s) && !starved.contains(*s))
+            .collect();
         candidates.sort_unstable();
         for schema in candidates.into_iter().rev().take(keeping - share) {
             if let Some(tx) = subscribers.get(schema) {
@@ -642,12 +731,17 @@ impl Session {
     fn leadership(self: Arc<Self>, schema: String, key: i32) -> Leadership {
         lock(&self.held).insert(schema.clone(), key);
         let (tx, notices) = unbounded_channel();
-        if self.closed.is_cancelled() {
-            let _ = tx.send(Notice::Closed("coordination connection closed".into()));
+        {
+            // Checked and subscribed under the lock `lost` announces under: a lead made
+            // while the connection is being given up hears of it either way.
+            let mut subscribers = lock(&self.subscribers);
+            if self.closed.is_cancelled() {
+                let _ = tx.send(Notice::Closed("coordination connection closed".into()));
+            }
+            subscribers.insert(schema.clone(), tx);
         }
-        lock(&self.subscribers).insert(schema.clone(), tx);
         Leadership {
-            session: self,
+            session: Arc::downgrade(&self),
             schema,
             key,
             notices,
@@ -656,33 +750,39 @@ impl Session {
 
     /// The connection ended or stopped answering: every source led over it ends.
     fn lost(&self, why: &str) {
-        if self.closed.is_cancelled() {
-            return;
+        {
+            let mut subscribers = lock(&self.subscribers);
+            if self.closed.is_cancelled() {
+                return;
+            }
+            self.closed.cancel();
+            for (_, tx) in subscribers.drain() {
+                let _ = tx.send(Notice::Closed(why.to_string()));
+            }
         }
-        self.closed.cancel();
         lock(&self.held).clear();
         lock(&self.releasing).clear();
         lock(&self.waiting).clear();
-        for (_, tx) in lock(&self.subscribers).drain() {
-            let _ = tx.send(Notice::Closed(why.to_string()));
-        }
+        lock(&self.starved).clear();
         debug!(error = why, "coordination connection lost");
     }
 }
 
 impl Drop for Leadership {
     fn drop(&mut self) {
+        let Some(session) = self.session.upgrade() else {
+            // The connection is gone, and the lock with it.
+            return;
+        };
         if tokio::runtime::Handle::try_current().is_ok() {
-            self.session.stop_waiting(&self.schema);
+            session.stop_waiting(&self.schema);
         }
-        lock(&self.session.subscribers).remove(&self.schema);
-        lock(&self.session.releasing).remove(&self.schema);
-        if lock(&self.session.held).remove(&self.schema).is_none()
-            || self.session.closed.is_cancelled()
-        {
+        lock(&session.subscribers).remove(&self.schema);
+        lock(&session.releasing).remove(&self.schema);
+        lock(&session.starved).remove(&self.schema);
+        if lock(&session.held).remove(&self.schema).is_none() || session.closed.is_cancelled() {
             return;
         }
-        let session = self.session.clone();
         let key = self.key;
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             // The process is ending: the connection, and the lock, go with it.
@@ -742,6 +842,22 @@ async fn check_own_session(
         ));
     }
     Ok(())
+}
+
+/// A replica group: 24 bits of an FNV-1a hash of what configures a database's sources
+/// (their schemas and schema patterns, sorted). Replicas with the same configuration
+/// share its sources; a relay configured otherwise is not counted as one of them.
+pub fn group_of(parts: &[String]) -> u32 {
+    let mut parts: Vec<&String> = parts.iter().collect();
+    parts.sort();
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for p in parts {
+        for b in p.bytes().chain(std::iter::once(0)) {
+            h ^= b as u64;
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    (h & 0xff_ffff) as u32
 }
 
 /// `pg_locks.objid` of an advisory lock's second key.

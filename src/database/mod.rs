@@ -34,7 +34,7 @@ use crate::source::outage::{Outage, Problem};
 use crate::source::store::Store;
 use crate::source::Source;
 
-pub use coordinator::{show_leader, CoordinationStatus, Coordinator, Leadership};
+pub use coordinator::{group_of, show_leader, CoordinationStatus, Coordinator, Leadership};
 pub use discovery::{matching_schemas, Found};
 
 /// Sources per statement of a periodic look (pending rows, figures). A statement over
@@ -115,9 +115,20 @@ impl Database {
             .pool(relay.pool_size, relay.operation_timeout)
             .map_err(anyhow::Error::msg)
             .with_context(|| format!("database {label}"))?;
+        // Replicas configured with the same sources here share them.
+        let configured: Vec<String> = fixed
+            .iter()
+            .map(|s| format!("schema:{}", s.schema))
+            .chain(
+                patterns
+                    .iter()
+                    .map(|p| format!("pattern:{}", p.schema_pattern)),
+            )
+            .collect();
         let coordinator = Arc::new(Coordinator::new(
             coordination.unwrap_or(url).clone(),
             label.clone(),
+            group_of(&configured),
             relay.operation_timeout,
             metrics.clone(),
         ));
@@ -184,13 +195,30 @@ impl Database {
         for r in lock(&self.sources).iter() {
             tasks.spawn(supervise(r.source.clone(), r.stop.clone()));
         }
-        let coordinator = self.relay.enabled.then(|| {
-            tokio::spawn(
-                self.coordinator
-                    .clone()
-                    .run(self.relay.retry.backoff_base, cancel.clone()),
-            )
-        });
+        let coordinator = self
+            .relay
+            .enabled
+            .then(|| tokio::spawn(self.clone().coordinate(cancel.clone())));
+        // The figures in their own task: a slow refresh never holds up the look for
+        // pending rows, which wakes sources.
+        let stats_task = {
+            let db = self.clone();
+            let cancel = cancel.clone();
+            tokio::spawn(async move {
+                let mut look = stats::StatsLook::default();
+                let mut tick = tokio::time::interval(db.relay.health.refresh_interval);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tokio::select! {
+                        _ = tick.tick() => {}
+                        _ = cancel.cancelled() => return,
+                    }
+                    db.pool
+                        .retain(|_, m| m.last_used() < POOL_IDLE && m.age() < POOL_LIFETIME);
+                    db.refresh_stats(&mut look).await;
+                }
+            })
+        };
         let mut look = Looks::default();
         let every = |d: Duration| {
             let mut t = tokio::time::interval(d);
@@ -199,7 +227,6 @@ impl Database {
         };
         let mut discovery = every(self.relay.discovery_interval);
         let mut probe = every(self.relay.process_interval);
-        let mut stats = every(self.relay.health.refresh_interval);
         let discovering = !self.patterns.is_empty();
         loop {
             tokio::select! {
@@ -213,15 +240,33 @@ impl Database {
                     self.discover(&mut look, &mut tasks).await;
                 }
                 _ = probe.tick(), if self.relay.enabled => self.probe(&mut look).await,
-                _ = stats.tick() => {
-                    self.pool.retain(|_, m| m.last_used() < POOL_IDLE && m.age() < POOL_LIFETIME);
-                    self.refresh_stats(&mut look).await;
-                }
             }
         }
         while tasks.join_next().await.is_some() {}
+        stats_task.abort();
         if let Some(c) = coordinator {
             let _ = c.await;
+        }
+    }
+
+    /// Runs the coordinator until `cancel`, starting it again after a panic: without
+    /// it no source of the database is led.
+    async fn coordinate(self: Arc<Self>, cancel: CancellationToken) {
+        loop {
+            let run = self
+                .coordinator
+                .clone()
+                .run(self.relay.retry.backoff_base, cancel.clone());
+            match AssertUnwindSafe(run).catch_unwind().await {
+                Ok(()) => return,
+                Err(panic) => {
+                    error!(database = %self.label, panic = %panic_text(&panic), "coordinator panicked; restarting it");
+                    tokio::select! {
+                        _ = tokio::time::sleep(RESTART_DELAY) => {}
+                        _ = cancel.cancelled() => return,
+                    }
+                }
+            }
         }
     }
 
@@ -392,11 +437,8 @@ impl Database {
 #[derive(Default)]
 struct Looks {
     probe: Cached,
-    stats: Cached,
     probe_outage: OutageOf,
     discovery_outage: OutageOf,
-    /// Per source, the stats refresh's outage.
-    stats_outages: HashMap<String, Outage>,
     /// Matching schemas with odd names, and names taken, already warned about.
     odd: HashSet<String>,
     clashes: HashSet<String>,
@@ -451,11 +493,7 @@ async fn supervise(source: Arc<Source>, stop: CancellationToken) -> String {
         match r {
             Ok(()) => return source.name().to_string(),
             Err(panic) => {
-                let msg = panic
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                    .unwrap_or_else(|| "unknown panic".into());
+                let msg = panic_text(&panic);
                 error!(source = %source.settings.name, panic = %msg, "source task panicked; restarting it");
                 source.reset_after_panic(&msg);
                 tokio::select! {
@@ -465,6 +503,15 @@ async fn supervise(source: Arc<Source>, stop: CancellationToken) -> String {
             }
         }
     }
+}
+
+/// What a panic said.
+fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "unknown panic".into())
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -12,21 +12,39 @@ use crate::source::outage::Problem;
 use crate::source::store::{Stats, Store};
 use crate::source::Source;
 
-use super::{Database, Looks, PER_STATEMENT};
+use super::{Cached, Database, PER_STATEMENT};
+
+/// What the stats refresh keeps between rounds.
+#[derive(Default)]
+pub(super) struct StatsLook {
+    statements: Cached,
+    /// Per source, the refresh's outage.
+    outages: std::collections::HashMap<String, crate::source::outage::Outage>,
+}
+
+/// Whether a failed statement over many sources may be one source's tables' fault
+/// (so each source is asked alone), not the server's or the pool's.
+fn blames_a_table(e: &DbError) -> bool {
+    use crate::db::DbErrorKind as K;
+    matches!(e.kind(), K::Schema | K::Permission | K::Row | K::Other)
+}
 
 impl Database {
-    /// The figures of the sources this replica leads, [`PER_STATEMENT`] sources a
-    /// statement; if one fails (say a schema is not migrated yet), each of its sources
-    /// on its own, so the others still show theirs. A source another replica leads
-    /// shows zeros here (its leader shows its figures: `max by (source)`), so the
-    /// refresh costs the server what this replica's share does, not every source
-    /// again per replica. A disabled relay leads nothing and shows every source's.
-    pub(super) async fn refresh_stats(&self, look: &mut Looks) {
+    /// The figures of the sources this replica leads, and of those nobody leads,
+    /// [`PER_STATEMENT`] sources a statement; if one fails for what a source's tables
+    /// may be to blame for (say a schema is not migrated yet), each of its sources on
+    /// its own, so the others still show theirs. A source another replica leads shows
+    /// zeros here (its leader shows its figures: `max by (source)`), so the refresh
+    /// costs the server what this replica's share does, not every source again per
+    /// replica; a source nobody leads shows its backlog on every replica, so a stalled
+    /// one is seen. A disabled relay leads nothing and shows every source's.
+    pub(super) async fn refresh_stats(&self, look: &mut StatsLook) {
         self.show_connections();
-        let (sources, followed): (Vec<_>, Vec<_>) = self
-            .sources()
-            .into_iter()
-            .partition(|s| s.health.is_leader() || !self.relay.enabled);
+        let (sources, followed): (Vec<_>, Vec<_>) = self.sources().into_iter().partition(|s| {
+            s.health.is_leader()
+                || !self.relay.enabled
+                || self.coordinator.led_by_anyone(&s.settings.schema) != Some(true)
+        });
         for s in &followed {
             shown(look, s, Ok(Stats::default()));
         }
@@ -50,6 +68,14 @@ impl Database {
                     shown(look, &chunk[0], Err(e));
                     continue;
                 }
+                Err(e) if !blames_a_table(&e) => {
+                    // Down, slow or out of connections: every source's refresh would
+                    // wait as long again.
+                    for s in chunk {
+                        shown(look, s, Err(e.clone()));
+                    }
+                    continue;
+                }
                 Ok(_) | Err(_) => {
                     for s in chunk {
                         let r = self.own_stats(s).await;
@@ -67,7 +93,7 @@ impl Database {
                 }
             }
         }
-        look.stats.keep(&self.pool, used);
+        look.statements.keep(&self.pool, used);
     }
 
     /// Reads one source's figures alone.
@@ -112,9 +138,9 @@ impl Database {
 }
 
 /// Shows a source's figures, or notes its error (logged once per outage).
-fn shown(look: &mut Looks, s: &Source, r: Result<Stats, DbError>) {
+fn shown(look: &mut StatsLook, s: &Source, r: Result<Stats, DbError>) {
     let name = s.name();
-    let outage = look.stats_outages.entry(name.to_string()).or_default();
+    let outage = look.outages.entry(name.to_string()).or_default();
     match r {
         Ok(st) => {
             let m = &s.metrics;

@@ -54,6 +54,8 @@ pub struct Store {
     /// Whether a row may be claimed now.
     ready: String,
     stats: String,
+    /// This source's figures alone.
+    own_stats: String,
 }
 
 /// What the outbox and dead-letter tables hold right now.
@@ -208,7 +210,14 @@ impl Store {
                      FROM {s}.outbox ORDER BY id LIMIT 1), 0), \
                  (SELECT count(*) FROM {s}.outbox_dead_letter)"
             ),
+            own_stats: String::new(),
         }
+        .with_own_stats()
+    }
+
+    fn with_own_stats(mut self) -> Store {
+        self.own_stats = format!("SELECT 0::int4, {}", self.stats);
+        self
     }
 
     /// Claims up to `limit` rows in id order, skipping rows waiting for a retry and the
@@ -345,10 +354,7 @@ impl Store {
     /// Counts for metrics and health.
     pub async fn stats<C: GenericClient>(&self, client: &C) -> Result<Stats, DbError> {
         let pg = |e: tokio_postgres::Error| DbError::pg("stats", &e);
-        let stmt = client
-            .prepare_cached(&format!("SELECT 0::int4, {}", self.stats))
-            .await
-            .map_err(pg)?;
+        let stmt = client.prepare_cached(&self.own_stats).await.map_err(pg)?;
         let row = client.query_one(&stmt, &[]).await.map_err(pg)?;
         Stats::of(&row)
     }
@@ -365,6 +371,7 @@ impl Store {
             &self.park,
             &self.dead_letter_count,
             &self.dead_letter_move,
+            &self.own_stats,
         ]
     }
 

@@ -96,6 +96,24 @@ impl RelayConfig {
         self
     }
 
+    /// Removes the source called `name`; panics if there is no such source.
+    pub fn source_remove(mut self, name: &str) -> RelayConfig {
+        let text = self.to_toml();
+        let sources = self
+            .table
+            .get_mut("sources")
+            .and_then(Value::as_array_mut)
+            .unwrap_or_else(|| panic!("no sources in\n{text}"));
+        let before = sources.len();
+        sources.retain(|t| t.get("name").and_then(Value::as_str) != Some(name));
+        assert_eq!(
+            sources.len() + 1,
+            before,
+            "no source named {name} in\n{text}"
+        );
+        self
+    }
+
     /// Sets `key` of the source called `name`; panics if there is no such source.
     pub fn source_set(mut self, name: &str, key: &str, value: impl Into<Value>) -> RelayConfig {
         self.source_table(name).insert(key.into(), value.into());
