@@ -194,3 +194,22 @@ async fn migrate_schema(
         versions,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_trigger_tests_the_lock_the_relay_waits_on() {
+        let m = MIGRATIONS
+            .iter()
+            .find(|m| m.version.starts_with("005"))
+            .expect("migration 005");
+        assert!(
+            m.sql.contains(&format!(
+                "pg_try_advisory_xact_lock_shared({WAIT_CLASS}, %s)"
+            )),
+            "005 must test the class the relay's waiting lock uses ({WAIT_CLASS})"
+        );
+    }
+}

@@ -607,6 +607,7 @@ async fn run(opts: Opts, t0: Instant) -> Report {
                     let profile = b.opts.perf && throughput && round == 1 && who == "relay";
                     let o = Overrides {
                         batch_size: Some(*bs),
+                        max_batch_size: throughput.then_some(*bs),
                         delete_batch_size: Some(*ds),
                         binary,
                         ..Overrides::default()
@@ -647,6 +648,7 @@ async fn run(opts: Opts, t0: Instant) -> Report {
         b.ensure_template(big).await;
         let o = Overrides {
             batch_size: Some(batch),
+            max_batch_size: Some(batch),
             delete_batch_size: Some(batch),
             ..Overrides::default()
         };

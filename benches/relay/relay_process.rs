@@ -18,6 +18,9 @@ pub fn relay_bin() -> PathBuf {
 #[derive(Debug, Clone, Default)]
 pub struct Overrides {
     pub batch_size: Option<i64>,
+    /// The largest claim; the throughput lanes pin it to their batch, so the relay
+    /// claims what the SQL-only limit it is set against claims.
+    pub max_batch_size: Option<i64>,
     pub delete_batch_size: Option<i64>,
     pub process_interval: Option<&'static str>,
     /// Another relay binary than the one `cargo bench` built (BENCH_RELAY_BIN_B).
@@ -57,6 +60,9 @@ pub fn config_toml(
     }
     if let Some(v) = o.delete_batch_size {
         t.insert("delete_batch_size".into(), Value::Integer(v));
+    }
+    if let Some(v) = o.max_batch_size {
+        t.insert("max_batch_size".into(), Value::Integer(v));
     }
     if let Some(v) = o.process_interval {
         t.insert("process_interval".into(), Value::String(v.into()));

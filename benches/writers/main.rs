@@ -52,6 +52,9 @@ const SOURCES: [(&str, &str, &str); 4] = [
     ("catalog", "product_loader", "product-loader.events"),
 ];
 
+/// Partitions of the drain's topic.
+const DRAIN_PARTITIONS: i32 = 16;
+
 /// Options, from BENCH_* environment variables.
 struct Opts {
     /// Seconds of each pgbench run (BENCH_WRITERS_SECS).
@@ -484,7 +487,12 @@ async fn run(o: &Opts, t0: Instant) -> String {
     for round in 0..o.drain_rounds {
         let floor = floor_run(&writer, o.backlog).await;
         let topic = format!("drain.r{round}");
-        b.broker.lock().unwrap().create_topic(&topic, 1);
+        // librdkafka's mock cluster keeps 5 MiB per partition, dropping the oldest
+        // records beyond that: enough partitions that the whole backlog stays.
+        b.broker
+            .lock()
+            .unwrap()
+            .create_topic(&topic, DRAIN_PARTITIONS);
         let relay_rate = drain_run(&b, &writer, &topic, o.backlog).await;
         progress!(
             t0,
@@ -581,10 +589,14 @@ async fn floor_run(client: &tokio_postgres::Client, n: u64) -> f64 {
             "INSERT INTO floor.outbox (aggregate_type, aggregate_id, event_type, payload) \
              SELECT 'order', 'order-' || (i % 1000), 'OrderChanged', \
                     jsonb_build_object('i', i, 'note', repeat('x', 200)) \
-             FROM generate_series(1, {n}) AS i; VACUUM ANALYZE floor.outbox"
+             FROM generate_series(1, {n}) AS i"
         ))
         .await
         .expect("load the floor's backlog");
+    client
+        .batch_execute("VACUUM ANALYZE floor.outbox")
+        .await
+        .expect("vacuum the floor's backlog");
     let started = Instant::now();
     let rows = client
         .query("DELETE FROM floor.outbox RETURNING *", &[])
@@ -598,7 +610,14 @@ async fn floor_run(client: &tokio_postgres::Client, n: u64) -> f64 {
 /// The relay drains `n` rows committed in one transaction into customer's outbox (for
 /// `topic`): rows per second from the commit to the consumer holding them all.
 async fn drain_run(b: &Bench, client: &tokio_postgres::Client, topic: &str, n: u64) -> f64 {
-    let consumer = CountingConsumer::start(&b.bootstrap, topic, 1, n, None, DRAIN_FETCH_WAIT_MS);
+    let consumer = CountingConsumer::start(
+        &b.bootstrap,
+        topic,
+        DRAIN_PARTITIONS,
+        n,
+        None,
+        DRAIN_FETCH_WAIT_MS,
+    );
     client
         .batch_execute(&format!(
             "INSERT INTO customer.outbox (aggregate_type, aggregate_id, event_type, payload, topic) \
@@ -609,10 +628,35 @@ async fn drain_run(b: &Bench, client: &tokio_postgres::Client, topic: &str, n: u
         .await
         .expect("load the relay's backlog");
     let committed = Instant::now();
-    let reached = consumer
-        .wait_target(Duration::from_secs(600))
+    let Some(reached) = consumer.wait_target(Duration::from_secs(120)).await else {
+        let left = workload::pending(client, "customer").await;
+        let log = std::fs::read_dir(b.dir.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("relay-"))
+            .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+            .last()
+            .unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(30).collect();
+        let (bootstrap, t) = (b.bootstrap.clone(), topic.to_string());
+        let again = tokio::task::spawn_blocking(move || {
+            common::consume(&bootstrap, &t, n as usize, Duration::from_secs(20)).len()
+        })
         .await
-        .expect("the backlog drained within 600 s");
+        .unwrap_or(0);
+        let dead = workload::connect(&b.url("platform"))
+            .await
+            .query_one("SELECT count(*) FROM customer.outbox_dead_letter", &[])
+            .await
+            .map(|r| r.get::<_, i64>(0))
+            .unwrap_or(-1);
+        panic!(
+            "the backlog did not drain within 120 s: {} of {n} at the consumer ({again} read again from the start), {left} rows left, {dead} dead-lettered; relay log tail:\n{}",
+            consumer.count(),
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        );
+    };
     n as f64 / reached.duration_since(committed).as_secs_f64()
 }
 

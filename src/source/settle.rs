@@ -86,6 +86,15 @@ pub struct Settlement {
 }
 
 impl Settlement {
+    /// Whether every event of the batch was delivered: its settle is a delete only,
+    /// which nothing waits for.
+    pub fn all_delivered(&self) -> bool {
+        self.retries.is_empty()
+            && self.dead.is_empty()
+            && self.transport.is_none()
+            && self.held.is_empty()
+    }
+
     /// Whether `e` waits for an earlier event of its aggregate in this batch.
     pub fn holds_back(&self, e: &Event) -> bool {
         !self.held.is_empty() && self.held.contains(&aggregate(e))

@@ -12,7 +12,7 @@ use crate::db::DbError;
 
 /// How soon a source claims again after a short claim that found rows: more are
 /// likely coming, and no notification will say so while it does not wait.
-pub const REPOLL: Duration = Duration::from_millis(2);
+pub const REPOLL: Duration = Duration::from_millis(3);
 /// The longest wait between claims while announcing keeps failing (an insert that did
 /// not notify stays in flight: a long transaction).
 pub const REPOLL_MAX: Duration = Duration::from_millis(32);

@@ -524,16 +524,47 @@ fn one_in_flight_batch_is_strict_and_small_batches_count_by_their_rows() {
 #[test]
 fn a_settle_waits_for_a_running_claim_only_within_bounds() {
     let short = Duration::from_millis(1);
-    assert!(settle_now(false, 1, 100, short), "no claim running");
-    assert!(!settle_now(true, 1, 100, short), "a claim is running");
+    let failures = |claim_running, rows, waited| Pending {
+        claim_running,
+        ending: false,
+        deletes_only: false,
+        rows,
+        waited,
+    };
     assert!(
-        settle_now(true, 100, 100, short),
+        settle_now(failures(false, 1, short), 100),
+        "no claim running"
+    );
+    assert!(
+        !settle_now(failures(true, 1, short), 100),
+        "a claim is running"
+    );
+    assert!(
+        settle_now(failures(true, 100, short), 100),
         "a full delete is waiting"
     );
     assert!(
-        settle_now(true, 1, 100, SETTLE_DEFER_MAX),
+        settle_now(failures(true, 1, SETTLE_DEFER_MAX), 100),
         "claims ran back to back for too long"
     );
+    // Deletes alone linger to cover many claims, but not past a full batch, the
+    // linger, or the end of the lead.
+    let deletes = |claim_running, rows, waited| Pending {
+        deletes_only: true,
+        ..failures(claim_running, rows, waited)
+    };
+    assert!(!settle_now(deletes(false, 1, short), 100));
+    assert!(!settle_now(deletes(false, 1, SETTLE_DEFER_MAX), 100));
+    assert!(settle_now(deletes(false, 1, SETTLE_LINGER), 100));
+    assert!(settle_now(deletes(false, 100, short), 100));
+    assert!(!settle_now(deletes(true, 1, SETTLE_DEFER_MAX), 100));
+    assert!(settle_now(
+        Pending {
+            ending: true,
+            ..deletes(false, 1, short)
+        },
+        100
+    ));
 }
 
 #[tokio::test(start_paused = true)]
