@@ -40,7 +40,7 @@ pub struct Settings {
     pub database_url: Option<DatabaseUrl>,
     /// Rows claimed per batch while traffic is light (`OUTBOX_BATCH_SIZE`).
     pub batch_size: usize,
-    /// Rows claimed per batch at most (`OUTBOX_MAX_BATCH_SIZE`, 5000): a claim that comes back
+    /// Rows claimed per batch at most (`OUTBOX_MAX_BATCH_SIZE`, 2000): a claim that comes back
     /// full is followed by one twice as large, up to this, while a backlog drains; one
     /// less than half full by one half as large, down to `batch_size`.
     pub max_batch_size: usize,

@@ -14,7 +14,7 @@ impl Settings {
         let database_url: Option<String> = t.opt("database_url");
         let coordination_url: Option<String> = t.opt("coordination_url");
         let batch_size = t.int("batch_size", 10, 1, 100_000);
-        let max_batch_size = t.int("max_batch_size", 5000, 1, 100_000);
+        let max_batch_size = t.int("max_batch_size", 2000, 1, 100_000);
         let delete_batch_size = t.int("delete_batch_size", 50, 1, 100_000);
         let in_flight_batches = t.int("in_flight_batches", 4, 1, 64);
         let pool_size = t.int("pool_size", 4, 1, 1_000);
