@@ -300,9 +300,27 @@ impl Metrics {
     /// Creates a source's series at zero, so alerts and `rate()` see them before the
     /// first event.
     pub fn add_source(&self, s: &str) {
-        let Metrics {
+        self.each_source_series(s, true);
+    }
+
+    /// Removes a source's series (its schema is gone).
+    pub fn remove_source(&self, s: &str) {
+        self.each_source_series(s, false);
+    }
+
+    /// Creates (or removes) every series labelled with source `s`.
+    fn each_source_series(&self, s: &str, create: bool) {
+        macro_rules! each {
+            ($($family:ident),* $(,)?) => {$(
+                if create {
+                    self.$family.with_label_values(&[s]);
+                } else {
+                    let _ = self.$family.remove_label_values(&[s]);
+                }
+            )*};
+        }
+        each!(
             published,
-            failed,
             dead_lettered,
             pending,
             oldest_pending_age,
@@ -319,57 +337,14 @@ impl Metrics {
             gave_up,
             task_restarts,
             kafka_outage,
-            ..
-        } = self;
-        {
-            published.with_label_values(&[s]);
-            for r in Reason::ALL.map(Reason::label) {
-                failed.with_label_values(&[s, r]);
-            }
-            dead_lettered.with_label_values(&[s]);
-            pending.with_label_values(&[s]);
-            oldest_pending_age.with_label_values(&[s]);
-            dead_letter_rows.with_label_values(&[s]);
-            dead_letter_capacity.with_label_values(&[s]);
-            publish_duration.with_label_values(&[s]);
-            batch_duration.with_label_values(&[s]);
-            end_to_end_latency.with_label_values(&[s]);
-            source_up.with_label_values(&[s]);
-            source_leader.with_label_values(&[s]);
-            poll_errors.with_label_values(&[s]);
-            stats_errors.with_label_values(&[s]);
-            handovers.with_label_values(&[s]);
-            gave_up.with_label_values(&[s]);
-            task_restarts.with_label_values(&[s]);
-            kafka_outage.with_label_values(&[s]);
-        }
-    }
-
-    /// Removes a source's series (its schema is gone).
-    pub fn remove_source(&self, s: &str) {
-        let drop = |v: &dyn Fn(&[&str]) -> prometheus::Result<()>| {
-            let _ = v(&[s]);
-        };
-        drop(&|l| self.published.remove_label_values(l));
+        );
         for r in Reason::ALL.map(Reason::label) {
-            let _ = self.failed.remove_label_values(&[s, r]);
+            if create {
+                self.failed.with_label_values(&[s, r]);
+            } else {
+                let _ = self.failed.remove_label_values(&[s, r]);
+            }
         }
-        drop(&|l| self.dead_lettered.remove_label_values(l));
-        drop(&|l| self.pending.remove_label_values(l));
-        drop(&|l| self.oldest_pending_age.remove_label_values(l));
-        drop(&|l| self.dead_letter_rows.remove_label_values(l));
-        drop(&|l| self.dead_letter_capacity.remove_label_values(l));
-        drop(&|l| self.publish_duration.remove_label_values(l));
-        drop(&|l| self.batch_duration.remove_label_values(l));
-        drop(&|l| self.end_to_end_latency.remove_label_values(l));
-        drop(&|l| self.source_up.remove_label_values(l));
-        drop(&|l| self.source_leader.remove_label_values(l));
-        drop(&|l| self.poll_errors.remove_label_values(l));
-        drop(&|l| self.stats_errors.remove_label_values(l));
-        drop(&|l| self.handovers.remove_label_values(l));
-        drop(&|l| self.gave_up.remove_label_values(l));
-        drop(&|l| self.task_restarts.remove_label_values(l));
-        drop(&|l| self.kafka_outage.remove_label_values(l));
     }
 
     /// The Prometheus text exposition of every metric.

@@ -32,6 +32,9 @@ mod mock_broker;
 mod relay_process;
 #[path = "../relay/workload.rs"]
 mod workload;
+#[macro_use]
+#[path = "../shared/mod.rs"]
+mod shared;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -43,15 +46,10 @@ use common::{free_port, Metrics, PgServer};
 use kafka::{CountingConsumer, LatencyBook, DRAIN_FETCH_WAIT_MS};
 use mock_broker::MockBroker;
 use relay_process::{migrate_within, proc_stats, shipped_config, RelayProcess};
+use shared::{env_num, median, percentile, quick};
 
 /// The two replicas' `application_name`s.
 const REPLICAS: [&str; 2] = ["relay-a", "relay-b"];
-
-macro_rules! progress {
-    ($t0:expr, $($arg:tt)*) => {
-        eprintln!("[{:>6.1}s] {}", $t0.elapsed().as_secs_f64(), format!($($arg)*))
-    };
-}
 
 /// Options, from BENCH_* environment variables.
 struct Opts {
@@ -69,16 +67,9 @@ struct Opts {
     rounds: u32,
 }
 
-fn env_num<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.trim().replace('_', "").parse().ok())
-        .unwrap_or(default)
-}
-
 impl Opts {
     fn from_env() -> Opts {
-        let quick = std::env::var("BENCH_QUICK").is_ok_and(|v| v == "1");
+        let quick = quick();
         let sources = env_num("BENCH_SCALE_SOURCES", if quick { 100 } else { 1000 });
         Opts {
             sources,
@@ -94,25 +85,8 @@ impl Opts {
 }
 
 fn main() {
-    if mock_broker::serve_if_child() {
-        return;
-    }
-    if !std::env::args().any(|a| a == "--bench") {
-        eprintln!(
-            "benches/scale: a benchmark, not a test; run it with `cargo bench --bench scale`"
-        );
-        return;
-    }
     let opts = Opts::from_env();
-    let t0 = Instant::now();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
-    let report = rt.block_on(run(&opts, t0));
-    println!("{report}");
-    eprintln!("benches/scale: done in {:.0} s", t0.elapsed().as_secs_f64());
+    shared::bench_main("scale", |t0| async move { run(&opts, t0).await });
 }
 
 /// What a replica process is, and how to ask it.
@@ -383,19 +357,6 @@ async fn write_cold(
         seq += 1;
     }
     ColdRun { sent }
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    percentile(&v, 0.5)
 }
 
 async fn run(o: &Opts, t0: Instant) -> String {

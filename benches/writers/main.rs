@@ -25,6 +25,9 @@ mod mock_broker;
 mod relay_process;
 #[path = "../relay/workload.rs"]
 mod workload;
+#[macro_use]
+#[path = "../shared/mod.rs"]
+mod shared;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -36,13 +39,8 @@ use common::{free_port, Metrics, PgServer};
 use kafka::{CountingConsumer, LatencyBook, DRAIN_FETCH_WAIT_MS};
 use mock_broker::MockBroker;
 use relay_process::{proc_stats, RelayProcess};
+use shared::{env_num, median, percentile, quick};
 use toml::Value;
-
-macro_rules! progress {
-    ($t0:expr, $($arg:tt)*) => {
-        eprintln!("[{:>6.1}s] {}", $t0.elapsed().as_secs_f64(), format!($($arg)*))
-    };
-}
 
 /// The platform's sources: (database, schema, topic).
 const SOURCES: [(&str, &str, &str); 4] = [
@@ -75,16 +73,9 @@ struct Opts {
     drain_rounds: usize,
 }
 
-fn env_num<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.trim().replace('_', "").parse().ok())
-        .unwrap_or(default)
-}
-
 impl Opts {
     fn from_env() -> Opts {
-        let quick = std::env::var("BENCH_QUICK").is_ok_and(|v| v == "1");
+        let quick = quick();
         Opts {
             secs: env_num("BENCH_WRITERS_SECS", if quick { 3 } else { 8 }),
             rounds: env_num("BENCH_WRITERS_ROUNDS", if quick { 1 } else { 2 }),
@@ -102,28 +93,8 @@ impl Opts {
 }
 
 fn main() {
-    if mock_broker::serve_if_child() {
-        return;
-    }
-    if !std::env::args().any(|a| a == "--bench") {
-        eprintln!(
-            "benches/writers: a benchmark, not a test; run it with `cargo bench --bench writers`"
-        );
-        return;
-    }
     let opts = Opts::from_env();
-    let t0 = Instant::now();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
-    let report = rt.block_on(run(&opts, t0));
-    println!("{report}");
-    eprintln!(
-        "benches/writers: done in {:.0} s",
-        t0.elapsed().as_secs_f64()
-    );
+    shared::bench_main("writers", |t0| async move { run(&opts, t0).await });
 }
 
 /// The platform ConfigMap's relay settings (`outbox-relay-config`), as configuration
@@ -341,21 +312,6 @@ fn which(name: &str) -> Result<PathBuf, ()> {
                 .find(|p| p.exists())
         })
         .ok_or(())
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v[v.len() / 2]
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    sorted[(((sorted.len() - 1) as f64) * p).round() as usize]
 }
 
 async fn run(o: &Opts, t0: Instant) -> String {

@@ -329,23 +329,9 @@ pub struct Received {
 pub fn consume(bootstrap: &str, topic: &str, expected: usize, deadline: Duration) -> Vec<Received> {
     let end = Instant::now() + deadline;
     let consumer: BaseConsumer = kafka_config(bootstrap).create().expect("create consumer");
-    let partitions = loop {
-        let left = end.saturating_duration_since(Instant::now());
-        let timeout = left.clamp(Duration::from_millis(100), Duration::from_secs(2));
-        if let Some(p) = ready_partitions(&consumer, topic, timeout) {
-            break p;
-        }
-        if Instant::now() >= end {
-            return Vec::new();
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let mut tpl = TopicPartitionList::new();
-    for p in &partitions {
-        tpl.add_partition_offset(topic, *p, Offset::Beginning)
-            .expect("add partition");
+    if !assign_from_start(&consumer, topic, end) {
+        return Vec::new();
     }
-    consumer.assign(&tpl).expect("assign");
 
     let mut got = Vec::new();
     let mut stop_at = end;
@@ -387,6 +373,29 @@ pub fn consume(bootstrap: &str, topic: &str, expected: usize, deadline: Duration
     got
 }
 
+/// Assigns every partition of `topic` from its beginning once the topic has leaders
+/// (never auto-creating it); false if it has none by `end`.
+fn assign_from_start(consumer: &BaseConsumer, topic: &str, end: Instant) -> bool {
+    let partitions = loop {
+        let left = end.saturating_duration_since(Instant::now());
+        let timeout = left.clamp(Duration::from_millis(100), Duration::from_secs(2));
+        if let Some(p) = ready_partitions(consumer, topic, timeout) {
+            break p;
+        }
+        if Instant::now() >= end {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut tpl = TopicPartitionList::new();
+    for p in &partitions {
+        tpl.add_partition_offset(topic, *p, Offset::Beginning)
+            .expect("add partition");
+    }
+    consumer.assign(&tpl).expect("assign");
+    true
+}
+
 /// A consumer thread reading a topic from the beginning as records arrive; it stops
 /// when dropped. For tests that time arrivals.
 pub struct Stream {
@@ -402,19 +411,10 @@ impl Stream {
             .create()
             .expect("create consumer");
         let end = Instant::now() + Duration::from_secs(30);
-        let partitions = loop {
-            if let Some(p) = ready_partitions(&consumer, topic, Duration::from_secs(1)) {
-                break p;
-            }
-            assert!(Instant::now() < end, "topic {topic} not ready within 30s");
-            std::thread::sleep(Duration::from_millis(50));
-        };
-        let mut tpl = TopicPartitionList::new();
-        for p in &partitions {
-            tpl.add_partition_offset(topic, *p, Offset::Beginning)
-                .expect("add partition");
-        }
-        consumer.assign(&tpl).expect("assign");
+        assert!(
+            assign_from_start(&consumer, topic, end),
+            "topic {topic} not ready within 30s"
+        );
         let (tx, rx) = std::sync::mpsc::channel();
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let stopped = stop.clone();
