@@ -7,7 +7,7 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
-use super::idle::REPOLL;
+use super::idle::{REPOLL, REPOLL_MAX};
 use super::*;
 use crate::config::{AfterDeadLetter, RetrySettings};
 use crate::sink::Reason;
@@ -666,8 +666,11 @@ async fn an_insert_in_flight_makes_it_claim_again_soon_backing_off() {
         claim_returns(&mut h, vec![]).await;
         gaps.push(asked.elapsed());
     }
-    let ms: Vec<u128> = gaps.iter().map(|d| d.as_millis()).collect();
-    assert_eq!(ms, [2, 4, 8, 16, 32, 32], "claims again soon, backing off");
+    let want: Vec<Duration> = (0..6u32)
+        .map(|fails| (REPOLL * 2u32.pow(fails)).min(REPOLL_MAX))
+        .collect();
+    assert_eq!(gaps, want, "claims again soon, backing off");
+    assert_eq!(gaps[5], REPOLL_MAX);
     assert_eq!(finish(h).await, Ended::Cancelled);
 }
 
