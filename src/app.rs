@@ -87,20 +87,42 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> Result<Ru
     // leads there, and their wake-ups) and one pool of `pool_size` for claims, settles
     // and stats, shared by its sources. The pool hands out connections first come,
     // first served, so a busy source keeps a quiet one waiting for about one claim.
-    let mut grouped: BTreeMap<String, (Vec<SourceSettings>, Vec<PatternSettings>)> =
+    //
+    // Sources share a pool only when their URLs connect the same way (user, TLS,
+    // options included): each source claims as the role its URL names.
+    let mut grouped: BTreeMap<String, (String, Vec<SourceSettings>, Vec<PatternSettings>)> =
         BTreeMap::new();
+    let mut roles: BTreeMap<String, HashSet<String>> = BTreeMap::new();
+    let urls = settings
+        .sources
+        .iter()
+        .map(|s| &s.database_url)
+        .chain(settings.patterns.iter().map(|p| &p.database_url));
+    for url in urls {
+        roles
+            .entry(url.identity())
+            .or_default()
+            .insert(url.pool_key());
+    }
+    // A database reached under several roles names each runtime by its role too.
+    let label = |url: &crate::db::DatabaseUrl| match roles.get(&url.identity()) {
+        Some(keys) if keys.len() > 1 => {
+            format!("{}@{}", url.user().unwrap_or(""), url.identity())
+        }
+        _ => url.identity(),
+    };
     for s in &settings.sources {
         grouped
-            .entry(s.database_url.identity())
-            .or_default()
-            .0
+            .entry(s.database_url.pool_key())
+            .or_insert_with(|| (label(&s.database_url), Vec::new(), Vec::new()))
+            .1
             .push(s.clone());
     }
     for p in &settings.patterns {
         grouped
-            .entry(p.database_url.identity())
-            .or_default()
-            .1
+            .entry(p.database_url.pool_key())
+            .or_insert_with(|| (label(&p.database_url), Vec::new(), Vec::new()))
+            .2
             .push(p.clone());
     }
     let names: crate::database::Names = Arc::new(Mutex::new(
@@ -112,7 +134,7 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> Result<Ru
     ));
     let work = shutdown.child_token();
     let mut databases = Vec::new();
-    for (label, (fixed, patterns)) in grouped {
+    for (label, fixed, patterns) in grouped.into_values() {
         databases.push(Database::new(
             label,
             fixed,

@@ -169,13 +169,13 @@ impl Settings {
             if let Some(u) = &url {
                 // One coordination connection per database: its sources must agree on it.
                 let said = coordination_url.as_ref().map(|c| c.to_string());
-                match coordination.get(&u.identity()) {
+                match coordination.get(&u.pool_key()) {
                     Some(before) if *before != said => errs.push(format!(
-                        "{prefix}coordination_url: sources of database {} name different coordination URLs; a database has one coordination connection",
+                        "{prefix}coordination_url: sources of database {} name different coordination URLs; a database has one coordination connection per role",
                         u.identity()
                     )),
                     _ => {
-                        coordination.insert(u.identity(), said);
+                        coordination.insert(u.pool_key(), said);
                     }
                 }
                 let key = pattern.clone().unwrap_or_else(|| schema.clone());
@@ -238,8 +238,12 @@ impl Settings {
         if operation_timeout < Duration::from_secs(1) {
             errs.push("operation_timeout: must be at least 1s".into());
         }
-        if process_interval.is_zero() {
-            errs.push("process_interval: must be greater than zero".into());
+        if let Some(v) = properties.get("message.max.bytes") {
+            if !matches!(v.trim().parse::<i64>(), Ok(n) if n >= 1000) {
+                errs.push(format!(
+                    "kafka.properties.message.max.bytes: {v:?} is not a number of bytes of at least 1000"
+                ));
+            }
         }
         if discovery_interval < Duration::from_secs(1) {
             errs.push("discovery_interval: must be at least 1s".into());
@@ -392,10 +396,20 @@ impl<'a> Table<'a> {
     fn duration(&mut self, key: &str, default: Duration) -> Duration {
         match self.take(key) {
             None => default,
-            Some(v) => parse_duration(&v).unwrap_or_else(|e| {
-                self.errs.push(format!("{}{key}: {e}", self.prefix));
-                default
-            }),
+            // No interval or timeout of the relay can work at zero: a zero interval is
+            // a busy loop (or, for tokio's `interval`, a panic at start).
+            Some(v) => match parse_duration(&v) {
+                Ok(d) if d.is_zero() => {
+                    self.errs
+                        .push(format!("{}{key}: must be greater than zero", self.prefix));
+                    default
+                }
+                Ok(d) => d,
+                Err(e) => {
+                    self.errs.push(format!("{}{key}: {e}", self.prefix));
+                    default
+                }
+            },
         }
     }
 

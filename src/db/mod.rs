@@ -1,7 +1,10 @@
 //! PostgreSQL connection settings: URLs with libpq's `sslmode`s, TLS, pools and
 //! dedicated connections; [`DbError`] for what goes wrong.
 
+mod conninfo;
 mod error;
+
+use conninfo::ConnInfo;
 
 pub use error::{DbError, DbErrorKind};
 
@@ -45,63 +48,25 @@ impl DatabaseUrl {
     /// Parses a `postgres://` URL or a `key=value` connection string, accepting libpq's
     /// `sslmode=verify-ca|verify-full` and `sslrootcert=PATH` besides what tokio-postgres knows.
     pub fn parse(url: &str) -> Result<DatabaseUrl, String> {
-        let mut verify = Verify::None;
-        let mut root_cert = None;
-        let mut require = false;
-        let is_uri = url.starts_with("postgres://") || url.starts_with("postgresql://");
-        let cleaned = if is_uri {
-            match url.split_once('?') {
-                None => url.to_string(),
-                Some((base, query)) => {
-                    let mut kept = Vec::new();
-                    for pair in query.split('&').filter(|p| !p.is_empty()) {
-                        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-                        match (k, v) {
-                            ("sslmode", "verify-full") => verify = Verify::Full,
-                            ("sslmode", "verify-ca") => verify = Verify::Ca,
-                            ("sslrootcert", path) => root_cert = Some(path.to_string()),
-                            ("sslmode", "require") => {
-                                require = true;
-                                kept.push(pair.to_string());
-                            }
-                            _ => kept.push(pair.to_string()),
-                        }
-                    }
-                    if verify != Verify::None {
-                        kept.push("sslmode=require".into());
-                    }
-                    if kept.is_empty() {
-                        base.to_string()
-                    } else {
-                        format!("{base}?{}", kept.join("&"))
-                    }
-                }
-            }
-        } else {
-            let mut kept = Vec::new();
-            for tok in url.split_whitespace() {
-                match tok.split_once('=') {
-                    Some(("sslmode", "verify-full")) => verify = Verify::Full,
-                    Some(("sslmode", "verify-ca")) => verify = Verify::Ca,
-                    Some(("sslrootcert", path)) => root_cert = Some(path.to_string()),
-                    Some(("sslmode", "require")) => {
-                        require = true;
-                        kept.push(tok.to_string());
-                    }
-                    _ => kept.push(tok.to_string()),
-                }
-            }
-            if verify != Verify::None {
-                kept.push("sslmode=require".into());
-            }
-            kept.join(" ")
+        let mut info = ConnInfo::parse(url)?;
+        let redacted = info.redacted();
+        let root_cert = info.take("sslrootcert");
+        let mut verify = match info.get("sslmode") {
+            Some("verify-full") => Verify::Full,
+            Some("verify-ca") => Verify::Ca,
+            _ => Verify::None,
         };
-        if require && root_cert.is_some() && verify == Verify::None {
+        if verify != Verify::None {
+            info.set("sslmode", "require");
+        } else if info.get("sslmode") == Some("require") && root_cert.is_some() {
             verify = Verify::Ca;
         }
-        let mut config: tokio_postgres::Config = cleaned
+        // tokio-postgres parses the values found above, quoted: it reads the same
+        // password, and its errors name the bad key, never a value.
+        let mut config: tokio_postgres::Config = info
+            .to_pairs()
             .parse()
-            .map_err(|e| format!("not a PostgreSQL connection URL: {e}"))?;
+            .map_err(|e| format!("not a PostgreSQL connection string: {e}"))?;
         if config.get_hosts().is_empty() {
             return Err("names no host".into());
         }
@@ -116,7 +81,6 @@ impl DatabaseUrl {
         // And give up on a peer that leaves what the relay sent unacknowledged for 20 s
         // (keepalives only probe an idle connection).
         config.tcp_user_timeout(Duration::from_secs(20));
-        let redacted = redact(url);
         Ok(DatabaseUrl {
             config,
             verify,
@@ -138,6 +102,31 @@ impl DatabaseUrl {
         let user = self.config.get_user().unwrap_or("");
         let db = self.config.get_dbname().unwrap_or(user);
         format!("{host}:{port}/{db}")
+    }
+
+    /// Everything that makes two URLs' connections interchangeable: hosts, ports,
+    /// database, user, TLS mode and certificates, server options. Sources whose URLs
+    /// share it share one pool and one coordination connection; sources of one database
+    /// under two roles get one each, so each works as its own role.
+    pub fn pool_key(&self) -> String {
+        let c = &self.config;
+        format!(
+            "{:?} {:?} {:?} {:?} {:?} {:?} {:?} {:?} {:?}",
+            c.get_hosts(),
+            c.get_ports(),
+            c.get_dbname(),
+            c.get_user(),
+            c.get_ssl_mode(),
+            self.verify,
+            self.root_cert,
+            c.get_options(),
+            c.get_application_name(),
+        )
+    }
+
+    /// The user this URL connects as (the server's default, the OS user, when unset).
+    pub fn user(&self) -> Option<&str> {
+        self.config.get_user()
     }
 
     /// The connection settings, with a connect timeout.
@@ -307,52 +296,12 @@ impl Serialize for DatabaseUrl {
     }
 }
 
-/// The URL with its password replaced, for logs and `check-config`.
+/// The connection string with every secret replaced, for logs and `check-config`:
+/// built from its parsed values, whatever the spelling.
 pub fn redact(url: &str) -> String {
-    if let Some(rest) = url
-        .strip_prefix("postgres://")
-        .map(|r| ("postgres://", r))
-        .or_else(|| {
-            url.strip_prefix("postgresql://")
-                .map(|r| ("postgresql://", r))
-        })
-    {
-        let (scheme, rest) = rest;
-        let (authority, tail) = match rest.find(['/', '?']) {
-            Some(i) => rest.split_at(i),
-            None => (rest, ""),
-        };
-        let authority = match authority.rsplit_once('@') {
-            Some((userinfo, hosts)) => match userinfo.split_once(':') {
-                Some((user, _)) => format!("{user}:[redacted]@{hosts}"),
-                None => authority.to_string(),
-            },
-            None => authority.to_string(),
-        };
-        let tail = tail
-            .split('&')
-            .map(|p| {
-                if p.starts_with("password=") || p.contains("?password=") {
-                    let (head, _) = p.split_once("password=").unwrap_or((p, ""));
-                    format!("{head}password=[redacted]")
-                } else {
-                    p.to_string()
-                }
-            })
-            .collect::<Vec<_>>()
-            .join("&");
-        return format!("{scheme}{authority}{tail}");
-    }
-    url.split_whitespace()
-        .map(|t| {
-            if t.starts_with("password=") {
-                "password=[redacted]".to_string()
-            } else {
-                t.to_string()
-            }
-        })
-        .collect::<Vec<_>>()
-        .join(" ")
+    ConnInfo::parse(url)
+        .map(|i| i.redacted())
+        .unwrap_or_else(|_| "[a connection string that does not parse]".into())
 }
 
 /// Adds server settings to the `options` the URL carries. The URL's own come last, so
