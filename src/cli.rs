@@ -160,6 +160,9 @@ pub fn main(cli: Cli) -> ExitCode {
                             format!("applied {}", a.versions.join(", "))
                         }
                     );
+                    for c in &a.contradictions {
+                        println!("{}: warning: {c}", a.source);
+                    }
                 }
             }),
             Command::Run => {

@@ -68,6 +68,8 @@ pub struct Applied {
     pub source: String,
     /// Versions applied now (empty when the schema was up to date).
     pub versions: Vec<String>,
+    /// Columns of the outbox table that contradict the contract, each with its fix.
+    pub contradictions: Vec<String>,
 }
 
 /// Applies the migrations to every configured source's schema, and to every schema
@@ -78,14 +80,14 @@ pub async fn migrate_all(settings: &Settings) -> Result<Vec<Applied>> {
         BTreeMap::new();
     for s in &settings.sources {
         by_url
-            .entry(s.database_url.to_string())
+            .entry(s.database_url.pool_key())
             .or_default()
             .0
             .push(s);
     }
     for p in &settings.patterns {
         by_url
-            .entry(p.database_url.to_string())
+            .entry(p.database_url.pool_key())
             .or_default()
             .1
             .push(p.clone());
@@ -142,7 +144,8 @@ pub async fn migrate_source(source: &SourceSettings, timeout: Duration) -> Resul
 }
 
 /// Applies the migrations to `schema` (of source `name`) over `client`, in one
-/// transaction.
+/// transaction. The schema is created only when it is missing: a role that owns its
+/// schema needs no CREATE privilege on the database.
 async fn migrate_schema(
     client: &mut tokio_postgres::Client,
     name: &str,
@@ -156,9 +159,20 @@ async fn migrate_schema(
     )
     .await
     .context("take the migration lock")?;
+    let exists: bool = tx
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)",
+            &[&schema_name],
+        )
+        .await?
+        .get(0);
+    if !exists {
+        tx.batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {schema}"))
+            .await
+            .with_context(|| format!("create schema {schema_name}"))?;
+    }
     tx.batch_execute(&format!(
-        "CREATE SCHEMA IF NOT EXISTS {schema};
-         SET LOCAL search_path TO {schema};
+        "SET LOCAL search_path TO {schema};
          CREATE TABLE IF NOT EXISTS outbox_relay_migrations (
              version    text PRIMARY KEY,
              applied_at timestamptz NOT NULL DEFAULT now()
@@ -187,12 +201,57 @@ async fn migrate_schema(
         .await?;
         versions.push(m.version.to_string());
     }
+    let contradictions = contradictions(&tx, schema_name).await?;
     tx.commit().await?;
     info!(source = %name, schema = %schema_name, applied = ?versions, "schema migrated");
+    for c in &contradictions {
+        warn!(source = %name, schema = %schema_name, "{c}");
+    }
     Ok(Applied {
         source: name.to_string(),
         versions,
+        contradictions,
     })
+}
+
+/// The columns the relay needs a value in: a row with NULL in one is dead-lettered.
+const REQUIRED: &[&str] = &[
+    "event_id",
+    "aggregate_type",
+    "aggregate_id",
+    "event_type",
+    "created_at",
+    "retry_count",
+];
+
+/// What a table that predates the relay may hold against the contract
+/// (migrations/000_outbox.sql): a nullable column the relay needs, and how to fix it.
+async fn contradictions(
+    tx: &tokio_postgres::Transaction<'_>,
+    schema_name: &str,
+) -> Result<Vec<String>> {
+    let rows = tx
+        .query(
+            "SELECT column_name::text FROM information_schema.columns \
+             WHERE table_schema = $1 AND table_name = 'outbox' \
+             AND is_nullable = 'YES' AND column_name = ANY($2) ORDER BY ordinal_position",
+            &[&schema_name, &REQUIRED],
+        )
+        .await
+        .context("read the outbox table's columns")?;
+    let table = format!("{}.outbox", quote_ident(schema_name));
+    Ok(rows
+        .iter()
+        .map(|r| {
+            let column: String = r.get(0);
+            format!(
+                "{table}.{column} allows NULL, which the contract forbids: the relay \
+                 dead-letters a row whose {column} is NULL. Fix: give such rows a value \
+                 (UPDATE {table} SET {column} = ... WHERE {column} IS NULL), then \
+                 ALTER TABLE {table} ALTER COLUMN {column} SET NOT NULL"
+            )
+        })
+        .collect())
 }
 
 #[cfg(test)]
