@@ -34,6 +34,19 @@ pub struct Event {
     pub retry_count: i32,
     /// Attempts allowed before the dead-letter table.
     pub max_retries: i32,
+    /// Why the row cannot become a record, found while reading it: it is dead-lettered
+    /// at once, without being sent.
+    pub defect: Option<Defect>,
+}
+
+/// A row the relay read but cannot send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Defect {
+    /// A column is NULL where the contract needs a value, or of a type the relay cannot
+    /// read: the message names the column.
+    Unreadable(String),
+    /// The payload is larger than the producer may send; it was not read.
+    TooLarge(String),
 }
 
 #[cfg(test)]
@@ -55,6 +68,7 @@ impl Event {
             created_at: SystemTime::now(),
             retry_count: 0,
             max_retries: 3,
+            defect: None,
         }
     }
 }

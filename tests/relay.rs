@@ -389,7 +389,10 @@ async fn the_claim_returns_the_rows_not_held_in_id_order_and_finds_late_commits(
         async move {
             let mut got = Vec::new();
             for block in [false, true] {
-                let rows = store.claim(client, limit, 3, block, &held).await.unwrap();
+                let rows = store
+                    .claim(client, limit, 3, block, &held, 1_000_000)
+                    .await
+                    .unwrap();
                 got.push(rows.iter().map(|e| e.id).collect::<Vec<_>>());
             }
             (got.remove(0), got.remove(0))
@@ -527,4 +530,75 @@ async fn the_relays_connections_go_by_the_primary_key_and_the_urls_options_win()
         .unwrap()
         .get(0);
     assert_eq!(got, "on", "the URL's options win");
+}
+
+/// A claim reads about `CLAIM_BYTES` of payloads at most: large payloads are read apart
+/// and the claim stops before the row that would go past the budget; the rows left
+/// come with the next claim, in id order, their payloads whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_of_large_payloads_stops_at_its_byte_budget_and_loses_nothing() {
+    use outbox_relay::db::DatabaseUrl;
+    use outbox_relay::source::store::{Store, CLAIM_BYTES};
+
+    let sc = Scenario::builder()
+        .source("bytes")
+        .no_broker()
+        .migrated()
+        .await;
+    let (pg, src) = (&sc.pg, sc.src());
+    // 5 small rows, 20 of 700 KB of text (md5 runs: no compression shortcut), 5 small.
+    const BIG: usize = 700 * 1024;
+    pg.psql(
+        "postgres",
+        &format!(
+            "INSERT INTO {s}.outbox (aggregate_type, aggregate_id, event_type, payload) \
+               SELECT 'order', 'a', 'Small', jsonb_build_object('i', i) FROM generate_series(1, 5) i;
+             INSERT INTO {s}.outbox (aggregate_type, aggregate_id, event_type, payload) \
+               SELECT 'order', 'a', 'Big', to_jsonb(string_agg(md5(i::text || '-' || j::text), '')) \
+               FROM generate_series(1, 20) i, generate_series(1, {BIG} / 32) j GROUP BY i ORDER BY i;
+             INSERT INTO {s}.outbox (aggregate_type, aggregate_id, event_type, payload) \
+               SELECT 'order', 'a', 'Small', jsonb_build_object('i', i) FROM generate_series(6, 10) i;",
+            s = src.schema
+        ),
+    );
+    let pool = DatabaseUrl::parse(&src.url)
+        .unwrap()
+        .pool(1, DEADLINE)
+        .unwrap();
+    let client = pool.get().await.unwrap();
+    let store = Store::new(&src.schema);
+    let mut held: Vec<i64> = Vec::new();
+    let mut claims = Vec::new();
+    loop {
+        let got = store
+            .claim(&client, 2000, 3, false, &held, 1_000_000)
+            .await
+            .unwrap();
+        if got.is_empty() {
+            break;
+        }
+        let bytes: usize = got
+            .iter()
+            .map(|e| e.payload.as_ref().map_or(0, String::len))
+            .sum();
+        assert!(
+            bytes as i64 <= CLAIM_BYTES + BIG as i64,
+            "a claim read {bytes} bytes of payloads"
+        );
+        for e in &got {
+            assert!(e.defect.is_none(), "{:?}", e.defect);
+            let len = e.payload.as_ref().map_or(0, String::len);
+            match e.event_type.as_str() {
+                "Big" => assert_eq!(len, BIG + 2, "a large payload, whole (a JSON string)"),
+                _ => assert!(len < 100, "{len}"),
+            }
+        }
+        claims.push(got.len());
+        held.extend(got.iter().map(|e| e.id));
+    }
+    let mut sorted = held.clone();
+    sorted.sort_unstable();
+    assert_eq!(held, sorted, "claimed in id order across claims");
+    assert_eq!(held.len(), 30, "every row claimed once: {claims:?}");
+    assert!(claims.len() >= 2, "the budget split the rows: {claims:?}");
 }

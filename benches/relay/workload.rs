@@ -151,7 +151,7 @@ pub async fn drain_sql_only<C: deadpool_postgres::GenericClient>(
     let mut drained = 0u64;
     while started.elapsed() < deadline {
         let claimed = store
-            .claim(client, batch, 3, false, &[])
+            .claim(client, batch, 3, false, &[], 1_000_000)
             .await
             .expect("claim");
         if claimed.is_empty() {

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use rdkafka::message::{Header, OwnedHeaders};
 
 use crate::config::validate_topic;
-use crate::event::Event;
+use crate::event::{Defect, Event};
 use crate::sink::{Failure, Reason};
 
 /// The fields of a record, borrowed from its row.
@@ -29,6 +29,16 @@ pub fn build_record<'a>(
     default_topic: &'a str,
     event_id: &'a str,
 ) -> Result<Record<'a>, Failure> {
+    match &event.defect {
+        None => {}
+        Some(Defect::Unreadable(why)) => return Err(Failure::invalid_record(why.clone())),
+        Some(Defect::TooLarge(why)) => {
+            return Err(Failure {
+                reason: Reason::MessageTooLarge,
+                message: why.clone(),
+            })
+        }
+    }
     let topic = event.topic.as_deref().unwrap_or(default_topic);
     if event.topic.is_some() {
         validate_topic(topic).map_err(|e| Failure {

@@ -263,6 +263,7 @@ impl Ports for Source {
         let limit = limit as i64;
         let max_retries = self.relay.max_retries;
         let block = self.relay.retry.after_dead_letter == AfterDeadLetter::Block;
+        let max_payload = self.relay.kafka.message_max_bytes();
         let task = tokio::spawn(async move {
             // The wait for a connection is the pool's own (operation_timeout), so a pool
             // with none free says so, apart from a slow statement.
@@ -272,7 +273,7 @@ impl Ports for Source {
                 .map_err(|e| DbError::pool("claim: pool", &e, timeout))?;
             tokio::time::timeout(
                 timeout,
-                store.claim(&client, limit, max_retries, block, &exclude),
+                store.claim(&client, limit, max_retries, block, &exclude, max_payload),
             )
             .await
             .map_err(|_| DbError::timed_out("claim", timeout))?

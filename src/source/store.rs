@@ -8,14 +8,38 @@ use deadpool_postgres::GenericClient;
 use tokio_postgres::Row;
 
 use crate::db::{quote_ident, DbError};
-use crate::event::Event;
+use crate::event::{Defect, Event};
 
-/// The columns the relay reads, in [`Event`]'s order, named as [`NAMES`] says.
-const COLUMNS: &str = "o.id, o.event_id, o.aggregate_type, o.aggregate_id, o.event_type, \
-     o.payload::text, o.topic, o.headers::text, o.correlation_id, o.idempotency_token, \
-     o.created_at, o.retry_count, COALESCE(o.max_retries, $2::int)";
+/// The columns the relay reads, in [`Event`]'s order, named as [`NAMES`] says, then the
+/// payload's size in bytes. Text columns are read as text whatever their declared type
+/// (tables that predate the relay use varchar). A payload is sent with the row only
+/// when it is at most `{inline}` bytes; a larger one is measured, not read (see
+/// [`size_of`]), and [`Store::claim`] fetches it apart if it may go at all.
+fn columns(inline: &str) -> String {
+    format!(
+        "o.id, o.event_id, o.aggregate_type::text, o.aggregate_id::text, o.event_type::text, \
+         CASE WHEN z.n <= {inline}::int4 THEN o.payload::text END, o.topic::text, \
+         o.headers::text, o.correlation_id::text, o.idempotency_token::text, \
+         o.created_at, o.retry_count, COALESCE(o.max_retries, $2::int), z.n"
+    )
+}
 
-/// The names of [`COLUMNS`], for errors about a row.
+/// The payload's size in bytes, for [`columns`]. An uncompressed payload whose stored
+/// size alone proves it small (a byte of jsonb is at most six of text: `"\u0001"`)
+/// stands for its size without being converted twice; any other (a compressed one may
+/// be of any size) is measured by its text (`pg_column_compression`: PostgreSQL 14 and
+/// later).
+fn size_of(inline: &str) -> String {
+    format!(
+        "CROSS JOIN LATERAL (SELECT (CASE WHEN o.payload IS NULL THEN 0 \
+             WHEN pg_column_compression(o.payload) IS NULL \
+                 AND pg_column_size(o.payload) * 6 <= {inline}::int4 \
+                 THEN pg_column_size(o.payload) \
+             ELSE octet_length(o.payload::text) END)::int4 AS n) z"
+    )
+}
+
+/// The names of the columns [`columns`] reads, for errors about a row.
 const NAMES: [&str; 13] = [
     "id",
     "event_id",
@@ -32,6 +56,11 @@ const NAMES: [&str; 13] = [
     "max_retries",
 ];
 
+/// How many bytes of payloads one claim reads at most (always at least one row): with
+/// `in_flight_batches` claims in flight and one settling, the rows the relay holds stay
+/// within a few of these whatever their sizes.
+pub const CLAIM_BYTES: i64 = 8 << 20;
+
 /// The columns both tables share, for moving rows between them.
 pub const SHARED_COLUMNS: &str =
     "id, event_id, aggregate_type, aggregate_id, event_type, payload, \
@@ -45,7 +74,13 @@ pub const EXACT_PENDING: i64 = 10_000;
 #[derive(Debug, Clone)]
 pub struct Store {
     claim: ClaimSql,
-    claim_blocking_dead: ClaimSql,
+    /// Built on first use: only `retry.after_dead_letter = "block"` uses it, and each
+    /// form is a few KB of text per led source.
+    claim_blocking_dead: std::sync::OnceLock<ClaimSql>,
+    /// The quoted schema, for building it.
+    quoted: String,
+    /// The payloads of rows by id, as text.
+    payloads: String,
     delete: String,
     retry: String,
     park: String,
@@ -99,19 +134,22 @@ fn claim_sql(s: &str, block_after_dead_letter: bool) -> ClaimSql {
         ));
     }
     // Held rows are left out by id, never by "id > the last id seen", which would skip
-    // rows that commit late with a lower id.
-    let arm = |ids: &str| {
+    // rows that commit late with a lower id. `inline` is the parameter of the largest
+    // payload sent with its row.
+    let arm = |ids: &str, inline: &str| {
         format!(
-            "SELECT {COLUMNS} FROM {s}.outbox o WHERE {ids} AND {filter} ORDER BY o.id LIMIT $1"
+            "SELECT {} FROM {s}.outbox o {} WHERE {ids} AND {filter} ORDER BY o.id LIMIT $1",
+            columns(inline),
+            size_of(inline),
         )
     };
     ClaimSql {
-        by_list: arm("o.id NOT IN (SELECT unnest($3::bigint[]))"),
+        by_list: arm("o.id NOT IN (SELECT unnest($3::bigint[]))", "$4"),
         by_gaps: format!(
             "SELECT * FROM (({}) UNION ALL ({}) UNION ALL ({})) c ORDER BY c.id LIMIT $1",
-            arm("o.id < $3::bigint"),
-            arm("o.id = ANY($4::bigint[])"),
-            arm("o.id > $5::bigint"),
+            arm("o.id < $3::bigint", "$6"),
+            arm("o.id = ANY($4::bigint[])", "$6"),
+            arm("o.id > $5::bigint", "$6"),
         ),
     }
 }
@@ -164,7 +202,9 @@ impl Store {
         let s = quote_ident(schema);
         Store {
             claim: claim_sql(&s, false),
-            claim_blocking_dead: claim_sql(&s, true),
+            claim_blocking_dead: std::sync::OnceLock::new(),
+            quoted: s.clone(),
+            payloads: format!("SELECT id, payload::text FROM {s}.outbox WHERE id = ANY($1)"),
             delete: format!("DELETE FROM {s}.outbox WHERE id = ANY($1)"),
             retry: format!(
                 "UPDATE {s}.outbox o SET retry_count = o.retry_count + 1, last_error = u.error, \
@@ -186,8 +226,11 @@ impl Store {
                      o.created_at, o.retry_count, o.max_retries, o.last_error, o.next_attempt_at, \
                      o.published_at, f.error AS dl_error) \
                  INSERT INTO {s}.outbox_dead_letter ({SHARED_COLUMNS}, failed_at, error) \
-                 SELECT id, event_id, aggregate_type, aggregate_id, event_type, payload, topic, \
-                     headers, correlation_id, idempotency_token, created_at, 'dead', retry_count, \
+                 SELECT id, COALESCE(event_id, gen_random_uuid()), \
+                     COALESCE(aggregate_type::text, ''), COALESCE(aggregate_id::text, ''), \
+                     COALESCE(event_type::text, ''), payload, topic, \
+                     headers, correlation_id, idempotency_token, COALESCE(created_at, now()), \
+                     'dead', COALESCE(retry_count, 0), \
                      max_retries, last_error, next_attempt_at, published_at, now(), dl_error \
                  FROM moved"
             ),
@@ -224,6 +267,14 @@ impl Store {
     /// later rows of their aggregates (and, with `block_after_dead_letter`, of aggregates
     /// with a dead-lettered event), and the rows in `exclude` (the ones the relay already
     /// holds). Takes no lock: one relay holds the source at a time.
+    ///
+    /// Memory is bounded whatever the rows hold: a payload over `max_payload` bytes is
+    /// never read (the row comes back as [`Defect::TooLarge`]); payloads up to
+    /// [`CLAIM_BYTES`]` / limit` come with their rows; larger ones are measured in SQL
+    /// and read apart, and the claim stops before the row that would take the payloads
+    /// read past [`CLAIM_BYTES`] (always at least one row): the rows left are claimed
+    /// next time.
+    #[allow(clippy::too_many_arguments)]
     pub async fn claim<C: GenericClient>(
         &self,
         client: &C,
@@ -231,12 +282,15 @@ impl Store {
         default_max_retries: i32,
         block_after_dead_letter: bool,
         exclude: &[i64],
+        max_payload: i64,
     ) -> Result<Vec<Event>, DbError> {
         let sql = if block_after_dead_letter {
-            &self.claim_blocking_dead
+            self.claim_blocking_dead
+                .get_or_init(|| claim_sql(&self.quoted, true))
         } else {
             &self.claim
         };
+        let inline = (CLAIM_BYTES / limit.max(1)).clamp(1024, max_payload.max(1024)) as i32;
         let pg = |e: tokio_postgres::Error| DbError::pg("claim", &e);
         let rows = match Complement::of(exclude) {
             Some(c) => {
@@ -244,7 +298,14 @@ impl Store {
                 client
                     .query(
                         &stmt,
-                        &[&limit, &default_max_retries, &c.below, &c.gaps, &c.above],
+                        &[
+                            &limit,
+                            &default_max_retries,
+                            &c.below,
+                            &c.gaps,
+                            &c.above,
+                            &inline,
+                        ],
                     )
                     .await
                     .map_err(pg)?
@@ -252,12 +313,49 @@ impl Store {
             None => {
                 let stmt = client.prepare_cached(&sql.by_list).await.map_err(pg)?;
                 client
-                    .query(&stmt, &[&limit, &default_max_retries, &exclude])
+                    .query(&stmt, &[&limit, &default_max_retries, &exclude, &inline])
                     .await
                     .map_err(pg)?
             }
         };
-        rows.iter().map(decode).collect()
+        let mut events = Vec::with_capacity(rows.len());
+        let mut apart = Vec::new();
+        let mut bytes = 0i64;
+        for r in &rows {
+            let (event, size) = decode(r, max_payload)?;
+            let read = if event.defect.is_some() { 0 } else { size };
+            if !events.is_empty() && bytes + read > CLAIM_BYTES {
+                break;
+            }
+            bytes += read;
+            if event.defect.is_none() && size > i64::from(inline) {
+                apart.push(event.id);
+            }
+            events.push(event);
+        }
+        drop(rows);
+        if !apart.is_empty() {
+            self.read_apart(client, &mut events, &apart).await?;
+        }
+        Ok(events)
+    }
+
+    /// Reads the payloads too large to come with their rows.
+    async fn read_apart<C: GenericClient>(
+        &self,
+        client: &C,
+        events: &mut [Event],
+        ids: &[i64],
+    ) -> Result<(), DbError> {
+        let pg = |e: tokio_postgres::Error| DbError::pg("claim: read large payloads", &e);
+        let stmt = client.prepare_cached(&self.payloads).await.map_err(pg)?;
+        for row in client.query(&stmt, &[&ids]).await.map_err(pg)? {
+            let id: i64 = row.try_get(0).map_err(pg)?;
+            if let Some(e) = events.iter_mut().find(|e| e.id == id) {
+                e.payload = row.try_get(1).map_err(pg)?;
+            }
+        }
+        Ok(())
     }
 
     /// Deletes delivered rows, `chunk` ids per statement.
@@ -361,18 +459,21 @@ impl Store {
 
     /// Every statement it prepares on a pooled connection.
     pub fn statements(&self) -> Vec<&str> {
-        vec![
-            &self.claim.by_list,
+        let mut all = vec![
+            self.claim.by_list.as_str(),
             &self.claim.by_gaps,
-            &self.claim_blocking_dead.by_list,
-            &self.claim_blocking_dead.by_gaps,
             &self.delete,
             &self.retry,
             &self.park,
             &self.dead_letter_count,
             &self.dead_letter_move,
             &self.own_stats,
-        ]
+            &self.payloads,
+        ];
+        if let Some(c) = self.claim_blocking_dead.get() {
+            all.extend([c.by_list.as_str(), &c.by_gaps]);
+        }
+        all
     }
 
     /// One statement that returns the index of each store in `stores` with a row to
@@ -410,27 +511,76 @@ impl Stats {
     }
 }
 
-/// One claimed row as an [`Event`], or an error naming the column that would not decode.
-fn decode(r: &Row) -> Result<Event, DbError> {
-    fn col<'a, T: tokio_postgres::types::FromSql<'a>>(r: &'a Row, i: usize) -> Result<T, DbError> {
-        r.try_get(i)
-            .map_err(|e| DbError::pg(format!("claim: column {}", NAMES[i]), &e))
+/// One claimed row as an [`Event`]. A column that will not decode (NULL where the
+/// contract needs a value, a type the relay cannot read) makes the row a
+/// [`Defect::Unreadable`] naming the column, to be dead-lettered; only the id must read.
+fn decode(r: &Row, max_payload: i64) -> Result<(Event, i64), DbError> {
+    let mut defects: Vec<String> = Vec::new();
+    fn read<'a, T: tokio_postgres::types::FromSql<'a>>(
+        r: &'a Row,
+        i: usize,
+        defects: &mut Vec<String>,
+    ) -> Option<T> {
+        match r.try_get::<_, T>(i) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                let null = std::error::Error::source(&e)
+                    .is_some_and(|s| s.is::<tokio_postgres::types::WasNull>());
+                let why = if null {
+                    "is NULL, which the contract forbids".to_string()
+                } else {
+                    format!("cannot be read: {}", crate::db::chain(&e))
+                };
+                defects.push(format!("column {} {why}", NAMES[i]));
+                None
+            }
+        }
     }
-    Ok(Event {
-        id: col(r, 0)?,
-        event_id: col(r, 1)?,
-        aggregate_type: col(r, 2)?,
-        aggregate_id: col(r, 3)?,
-        event_type: col(r, 4)?,
-        payload: col(r, 5)?,
-        topic: col(r, 6)?,
-        headers: col(r, 7)?,
-        correlation_id: col(r, 8)?,
-        idempotency_token: col(r, 9)?,
-        created_at: col(r, 10)?,
-        retry_count: col(r, 11)?,
-        max_retries: col(r, 12)?,
-    })
+    let id: i64 = r
+        .try_get(0)
+        .map_err(|e| DbError::pg("claim: column id", &e))?;
+    let d = &mut defects;
+    let event_id = read(r, 1, d).unwrap_or_default();
+    let aggregate_type = read(r, 2, d).unwrap_or_default();
+    let aggregate_id = read(r, 3, d).unwrap_or_default();
+    let event_type = read(r, 4, d).unwrap_or_default();
+    let payload = read(r, 5, d).unwrap_or_default();
+    let topic = read(r, 6, d).unwrap_or_default();
+    let headers = read(r, 7, d).unwrap_or_default();
+    let correlation_id = read(r, 8, d).unwrap_or_default();
+    let idempotency_token = read(r, 9, d).unwrap_or_default();
+    let created_at = read(r, 10, d).unwrap_or(std::time::SystemTime::UNIX_EPOCH);
+    let retry_count = read(r, 11, d).unwrap_or_default();
+    let max_retries = read(r, 12, d).unwrap_or_default();
+    let size = i64::from(r.try_get::<_, i32>(13).unwrap_or(0));
+    let defect = if !defects.is_empty() {
+        Some(Defect::Unreadable(defects.join("; ")))
+    } else if size > max_payload {
+        Some(Defect::TooLarge(format!(
+            "payload of {size} bytes is larger than the producer's message.max.bytes \
+             ({max_payload}); not read. Shrink the payload or raise message.max.bytes \
+             (and the broker's max.message.bytes), then replay"
+        )))
+    } else {
+        None
+    };
+    let event = Event {
+        id,
+        event_id,
+        aggregate_type,
+        aggregate_id,
+        event_type,
+        payload,
+        topic,
+        headers,
+        correlation_id,
+        idempotency_token,
+        created_at,
+        retry_count,
+        max_retries,
+        defect,
+    };
+    Ok((event, size))
 }
 
 #[cfg(test)]
