@@ -32,18 +32,21 @@ pub enum Reason {
     InvalidRecord,
     /// The topic does not exist and the broker does not create it.
     UnknownTopic,
+    /// The relay may not write the topic a row names in its own `topic` column.
+    TopicRefused,
     /// Anything else.
     Other,
 }
 
 impl Reason {
     /// Every reason, for pre-creating each metric series at zero.
-    pub const ALL: [Reason; 6] = [
+    pub const ALL: [Reason; 7] = [
         Reason::Transport,
         Reason::MessageTooLarge,
         Reason::InvalidTopic,
         Reason::InvalidRecord,
         Reason::UnknownTopic,
+        Reason::TopicRefused,
         Reason::Other,
     ];
 
@@ -55,6 +58,7 @@ impl Reason {
             Reason::InvalidTopic => "invalid_topic",
             Reason::InvalidRecord => "invalid_record",
             Reason::UnknownTopic => "unknown_topic",
+            Reason::TopicRefused => "topic_refused",
             Reason::Other => "other",
         }
     }
@@ -66,7 +70,7 @@ impl Reason {
             Reason::MessageTooLarge | Reason::InvalidTopic | Reason::InvalidRecord => {
                 Blame::Permanent
             }
-            Reason::UnknownTopic | Reason::Other => Blame::Retry,
+            Reason::UnknownTopic | Reason::TopicRefused | Reason::Other => Blame::Retry,
         }
     }
 }
@@ -111,11 +115,50 @@ pub struct Classified {
     /// Whether the brokers no longer accept this producer's id or sequence: only a new
     /// producer (a new producer id) gets through.
     pub breaks_producer: bool,
+    /// Whether the error is about the record's topic (missing, or not writable by the
+    /// relay): see [`Classified::for_topic`].
+    topic_scoped: bool,
+}
+
+impl Classified {
+    /// The failure once it is known whose topic the record went to. A topic that is
+    /// missing or that the relay may not write is the row's fault when the row named
+    /// it in its own `topic` column (retried, then dead-lettered: the source goes on),
+    /// and an outage when it is the source's configured topic (the source pauses, and
+    /// nothing is dead-lettered for a setting of the relay's).
+    pub fn for_topic(mut self, rows_own_topic: bool) -> Classified {
+        if !self.topic_scoped {
+            return self;
+        }
+        self.failure = if rows_own_topic {
+            Failure {
+                reason: if self.failure.reason == Reason::Transport {
+                    Reason::TopicRefused
+                } else {
+                    self.failure.reason
+                },
+                message: format!(
+                    "{} (the topic named in the row's topic column; create it or let the \
+                     relay write it, or fix the row's topic, then replay)",
+                    self.failure.message
+                ),
+            }
+        } else {
+            Failure::transport(format!(
+                "{} (the source's configured topic: the source waits until the topic \
+                 exists and the relay may write it)",
+                self.failure.message
+            ))
+        };
+        self
+    }
 }
 
 /// Classifies a librdkafka error, once, for every caller.
 pub fn classify(err: &KafkaError) -> Classified {
-    let (reason, hint, breaks_producer) = match err.rdkafka_error_code() {
+    use RDKafkaErrorCode as C;
+    let code = err.rdkafka_error_code();
+    let (reason, hint, breaks_producer) = match code {
         Some(code) => by_code(code),
         None => (Reason::Other, "unexpected error", false),
     };
@@ -125,6 +168,15 @@ pub fn classify(err: &KafkaError) -> Classified {
             message: format!("{err} ({hint})"),
         },
         breaks_producer,
+        topic_scoped: matches!(
+            code,
+            Some(
+                C::TopicAuthorizationFailed
+                    | C::UnknownTopic
+                    | C::UnknownTopicOrPartition
+                    | C::UnknownPartition
+            )
+        ),
     }
 }
 
@@ -241,6 +293,38 @@ mod tests {
         }
         assert!(!c(C::AllBrokersDown).breaks_producer);
         assert!(!c(C::MessageSizeTooLarge).breaks_producer);
+    }
+
+    #[test]
+    fn a_missing_or_forbidden_topic_is_the_rows_fault_only_when_the_row_named_it() {
+        use RDKafkaErrorCode as C;
+        let own = c(C::TopicAuthorizationFailed).for_topic(true).failure;
+        assert_eq!(own.reason, Reason::TopicRefused);
+        assert_eq!(own.blame(), Blame::Retry);
+        assert!(
+            own.message.contains("row's topic column"),
+            "{}",
+            own.message
+        );
+        let configured = c(C::TopicAuthorizationFailed).for_topic(false).failure;
+        assert_eq!(configured.blame(), Blame::Transport);
+        let own = c(C::UnknownTopicOrPartition).for_topic(true).failure;
+        assert_eq!(
+            (own.reason, own.blame()),
+            (Reason::UnknownTopic, Blame::Retry)
+        );
+        let configured = c(C::UnknownTopicOrPartition).for_topic(false).failure;
+        assert_eq!(configured.blame(), Blame::Transport);
+        assert!(configured.message.contains("configured topic"));
+        // Other errors do not depend on the topic.
+        assert_eq!(
+            c(C::MessageSizeTooLarge).for_topic(false).failure.blame(),
+            Blame::Permanent
+        );
+        assert_eq!(
+            c(C::AllBrokersDown).for_topic(true).failure.blame(),
+            Blame::Transport
+        );
     }
 
     #[test]

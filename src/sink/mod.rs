@@ -123,7 +123,9 @@ pub struct Outgoing {
     producer: Producer,
     source: Arc<str>,
     default_topic: Arc<str>,
-    pending: Vec<(usize, Delivery)>,
+    /// Each record handed over: its index in the batch, its delivery, and whether it
+    /// went to the row's own topic.
+    pending: Vec<(usize, Delivery, bool)>,
     event_id: String,
     /// The producer refused a record at once for the transport's sake: a fatal producer
     /// refuses every record, so it may need replacing even with nothing to wait for.
@@ -141,16 +143,17 @@ impl Outgoing {
         let _ = write!(self.event_id, "{}", e.event_id);
         let record = build_record(e, &self.source, &self.default_topic, &self.event_id)?;
         let payload = record.payload.map(str::as_bytes);
+        let own_topic = *record.topic != *self.default_topic;
         match self
             .producer
             .send(record.topic, record.key, payload, record.headers)
         {
             Ok(delivery) => {
-                self.pending.push((i, delivery));
+                self.pending.push((i, delivery, own_topic));
                 Ok(())
             }
             Err(err) => {
-                let c = classify(&err);
+                let c = classify(&err).for_topic(own_topic);
                 if c.failure.blame() == Blame::Transport {
                     self.refused = true;
                 }
@@ -177,14 +180,14 @@ impl Outgoing {
         } = self;
         let deadline = sink.operation_timeout + ACK_MARGIN;
         async move {
-            let sent: Vec<usize> = pending.iter().map(|(i, _)| *i).collect();
+            let sent: Vec<usize> = pending.iter().map(|(i, ..)| *i).collect();
             // Awaited one after the other: acknowledgements arrive roughly in send order,
             // so this task wakes about once per produce response, not once per record as
             // a join of a thousand futures would.
             let collect = async move {
                 let mut results = Vec::with_capacity(pending.len());
-                for (i, delivery) in pending {
-                    results.push((i, delivery.await));
+                for (i, delivery, own_topic) in pending {
+                    results.push((i, delivery.await, own_topic));
                 }
                 results
             };
@@ -195,11 +198,11 @@ impl Outgoing {
             let mut broken = broken;
             let mut out: Vec<(usize, Result<(), Failure>)> = results
                 .into_iter()
-                .map(|(i, r)| {
+                .map(|(i, r, own_topic)| {
                     let r = match r {
                         Ok(Ok(())) => Ok(()),
                         Ok(Err(err)) => {
-                            let c = classify(&err);
+                            let c = classify(&err).for_topic(own_topic);
                             if c.breaks_producer && broken.is_none() {
                                 broken = Some(err.to_string());
                             }
