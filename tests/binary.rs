@@ -295,6 +295,190 @@ fn bad_configuration_exits_64_naming_every_bad_key() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("missing.toml"));
 }
 
+/// Every spelling of a password libpq accepts, each holding `Zq` in every part, so that
+/// any piece of one that shows is found.
+fn password_spellings(port: u16) -> Vec<String> {
+    [
+        "postgresql://role_a:ab/cd?x-Zq1@127.0.0.1:{port}/db_1",
+        "postgresql://role_a:pa?ss-Zq2@127.0.0.1:{port}/db_2",
+        "postgresql://role_a:p@ss-Zq3@127.0.0.1:{port}/db_3",
+        "postgresql://role_a:Zq%40Zq4@127.0.0.1:{port}/db_4",
+        "postgres://role_a:Zq%2FZq5@127.0.0.1:{port}/db_5",
+        "postgres://role_a@127.0.0.1:{port}/db_6?password=Zq6&sslmode=disable",
+        "host=127.0.0.1 port={port} dbname=db_7 user=role_a password='Zq7 two-Zq7part'",
+        "host=127.0.0.1 port={port} dbname=db_8 user=role_a password = Zq8",
+        "host=127.0.0.1 port={port} dbname=db_9 password=Zq9\\ x\\'Zq9",
+    ]
+    .iter()
+    .map(|s| s.replace("{port}", &port.to_string()))
+    .collect()
+}
+
+#[test]
+fn no_spelling_of_a_password_shows_in_check_config_the_log_connect_errors_or_health() {
+    let closed = common::free_port();
+    let http = common::free_port();
+    let spellings = password_spellings(closed);
+    let mut config = RelayConfig::default()
+        .set("http.listen", format!("127.0.0.1:{http}"))
+        .set("operation_timeout", "2s")
+        .set(
+            "kafka.brokers",
+            format!("127.0.0.1:{}", common::free_port()),
+        )
+        .kafka_property("sasl.password", "Zq-kafka")
+        .kafka_property("ssl.key.password", "Zq-key");
+    for (i, url) in spellings.iter().enumerate() {
+        let name = format!("s{i}");
+        config = config.source(&common::TestSource {
+            name: name.clone(),
+            db: String::new(),
+            url: url.clone(),
+            schema: format!("s{i}"),
+            topic: format!("t{i}"),
+        });
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("relay.toml");
+    std::fs::write(&path, config.to_toml()).unwrap();
+    let log = dir.path().join("relay.log");
+
+    let out = Command::new(BIN)
+        .arg("--config")
+        .arg(&path)
+        .arg("check-config")
+        .output()
+        .unwrap();
+    let shown = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        shown.matches("[redacted]").count(),
+        spellings.len() + 2,
+        "{shown}"
+    );
+    assert!(
+        !shown.contains("Zq"),
+        "check-config shows a secret:\n{shown}"
+    );
+
+    let mut relay = spawn(relay(
+        &path,
+        &["run"],
+        &[("OUTBOX_LOG__FORMAT", "json")],
+        &log,
+    ));
+    // Every database's connect error, on /health/deep and in the log.
+    let deep = eventually_blocking("every database reports its connect error", DEADLINE, || {
+        let (_, body) = common::http::get_blocking(([127, 0, 0, 1], http).into(), "/health/deep")?;
+        (body.matches("connect to ").count() >= spellings.len()).then_some(body)
+    });
+    let logged = eventually_blocking("the log has every connect error", DEADLINE, || {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        (text.matches("connect to ").count() >= spellings.len()).then_some(text)
+    });
+    sigterm(&relay);
+    wait_exit(&mut relay, DEADLINE);
+    let logged = logged + &std::fs::read_to_string(&log).unwrap_or_default();
+    eprintln!("/health/deep: {}", &deep[..deep.len().min(1500)]);
+    assert!(logged.contains("effective configuration"), "{logged}");
+    for (what, text) in [("/health/deep", &deep), ("the log", &logged)] {
+        assert!(!text.contains("Zq"), "{what} shows a secret:\n{text}");
+    }
+}
+
+#[test]
+fn intervals_of_zero_exit_64_naming_the_key() {
+    for (key, value) in [
+        ("health.refresh_interval", "0s"),
+        ("process_interval", "0"),
+        ("retry.backoff_base", "0ms"),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("relay.toml");
+        let config = RelayConfig::default()
+            .set("database_url", "postgres://relay@127.0.0.1:1/app")
+            .set(key, value)
+            .source(&common::TestSource {
+                name: "a".into(),
+                db: String::new(),
+                url: "postgres://relay@127.0.0.1:1/app".into(),
+                schema: "a".into(),
+                topic: "a.events".into(),
+            });
+        std::fs::write(&path, config.to_toml()).unwrap();
+        for command in ["check-config", "run"] {
+            let out = Command::new(BIN)
+                .arg("--config")
+                .arg(&path)
+                .arg(command)
+                .output()
+                .unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(
+                out.status.code(),
+                Some(64),
+                "{command} with {key} = {value}: {err}"
+            );
+            assert!(
+                err.contains(&format!("{key}: must be greater than zero")),
+                "{command}: {err}"
+            );
+        }
+    }
+}
+
+/// Peak resident memory of a process, from the kernel.
+fn peak_rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(f64::NAN)
+}
+
+#[test]
+fn a_64_mib_payload_is_dead_lettered_unread_and_memory_stays_bounded() {
+    let sc = scenario(&["big"], 1);
+    let src = sc.src().clone();
+    let config = file_config(&sc).set("http.listen", format!("127.0.0.1:{}", common::free_port()));
+    let files = Files::migrated(&config, &[]);
+    sc.insert_events(&src, 100, 5, 0);
+    sc.pg.psql(
+        &src.db,
+        &format!(
+            "INSERT INTO {s}.outbox (aggregate_type, aggregate_id, event_type, payload) \
+             VALUES ('order', 'big-1', 'Huge', jsonb_build_object('blob', repeat('x', 64 * 1024 * 1024)))",
+            s = src.schema
+        ),
+    );
+    sc.insert_events(&src, 100, 5, 1000);
+    let mut relay = spawn(files.command(&["run"], &[]));
+    let got = sc.consume_blocking(&src.topic, 200);
+    eventually_blocking("the big row is dead-lettered", DEADLINE, || {
+        (sc.outbox_rows(&src) == 0 && sc.dead_letter_rows(&src) == 1).then_some(())
+    });
+    let peak = peak_rss_mib(relay.id());
+    sigterm(&relay);
+    wait_exit(&mut relay, DEADLINE);
+    let error = sc.pg.psql(
+        &src.db,
+        &format!("SELECT error FROM {}.outbox_dead_letter", src.schema),
+    );
+    eprintln!("peak RSS {peak:.1} MiB; dead letter: {error}");
+    assert_eq!(got.len(), 200, "every good row is delivered");
+    assert!(
+        error.contains("message_too_large") && error.contains("not read"),
+        "{error}"
+    );
+    assert!(peak <= 96.0, "peak RSS {peak:.1} MiB > 96 MiB");
+}
+
 /// The binary runs on jemalloc with its built-in options (src/main.rs): a misspelt
 /// option symbol would leave jemalloc's defaults, four arenas per CPU, in silence.
 #[test]
