@@ -144,6 +144,44 @@ async fn rows_with_nulls_the_contract_forbids_are_dead_lettered_naming_the_colum
         1.0,
         "the source stays up"
     );
+    // The dead-letter tool shows them, replays one (delivered with an empty key) and
+    // purges the other.
+    use outbox_relay::dead_letter::{self, Filter};
+    let settings = sc.settings();
+    let source = &settings.sources[0];
+    let timeout = settings.operation_timeout;
+    let listed = dead_letter::list(source, &Filter::default(), 10, true, timeout)
+        .await
+        .expect("list");
+    assert_eq!(listed.len(), 2);
+    assert!(dead_letter::table(&listed).contains("invalid_record"));
+    let id_of = |column: &str| {
+        listed
+            .iter()
+            .find(|e| e.error.contains(&format!("column {column} is NULL")))
+            .unwrap_or_else(|| panic!("no dead letter names {column}: {listed:?}"))
+            .id
+    };
+    let (null_key, null_type) = (id_of("aggregate_id"), id_of("event_type"));
+    let only = |id: i64| Filter {
+        ids: vec![id],
+        ..Filter::default()
+    };
+    let replayed = dead_letter::replay(source, &only(null_key), timeout)
+        .await
+        .expect("replay");
+    assert_eq!(replayed, vec![null_key]);
+    let purged = dead_letter::purge(source, &only(null_type), timeout)
+        .await
+        .expect("purge");
+    assert_eq!(purged, vec![null_type]);
+    let again = consume_async(&sc.bootstrap(), &src.topic, 82, sc.deadline).await;
+    assert!(
+        again.iter().any(|r| r.key.as_deref() == Some("")),
+        "the replayed row is delivered"
+    );
+    assert_eq!(sc.dead_letter_rows(&src), 0);
+
     // And it goes on: a row after them is delivered too.
     insert("'o-after'", "'OrderPlaced'", 1);
     eventually(

@@ -33,7 +33,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rand::seq::SliceRandom;
 use serde::Serialize;
@@ -80,6 +80,12 @@ const COUNT_MEMBERS: &str = "WITH l AS (SELECT pid, classid::int8 AS c, objid::i
 /// anyway: no source is left unled because every replica is at its share (one gave it
 /// up for want of a connection, or the others do not know it).
 const STARVED_LOOKS: u32 = 3;
+/// How long a source taken beyond the share is kept from handovers. Only for a while:
+/// a replica that was merely slow to start its sources (1,000 of them) left them free
+/// for a few looks, and kept for good they left it with 8 of 1,001 sources for the
+/// rest of the run. A replica that cannot take them for want of connections gives them
+/// up again, and they come back here after this long, not in a tight loop.
+const STARVED_HOLD: Duration = Duration::from_secs(20);
 /// The key of each schema's source lock, as every version of the relay computes it,
 /// and of its waiting lock, as migration 005's trigger computes it.
 const LOCK_KEYS: &str =
@@ -156,8 +162,9 @@ struct Session {
     /// Sources the least loaded other member of the group led at the last count (-1:
     /// no other member).
     least_other: std::sync::atomic::AtomicI64,
-    /// Sources taken beyond the share because they starved: not handed over again.
-    starved: Mutex<HashSet<String>>,
+    /// Sources taken beyond the share because they starved, and when: not handed over
+    /// for [`STARVED_HOLD`].
+    starved: Mutex<HashMap<String, Instant>>,
     /// Wake-ups and the connection's end, for each schema this replica leads.
     subscribers: Mutex<HashMap<String, UnboundedSender<Notice>>>,
     /// The schemas whose lock this session holds, and their keys (advisory locks nest
@@ -492,7 +499,7 @@ impl Coordinator {
         for (schema, key) in candidates.into_iter().filter(|(_, k)| got.contains(k)) {
             if starved.contains(&schema) {
                 warn!(database = %self.database, schema, "took a source beyond this replica's share: it stayed free for {STARVED_LOOKS} looks (do the other replicas know it, and have connections free?)");
-                lock(&session.starved).insert(schema.clone());
+                lock(&session.starved).insert(schema.clone(), Instant::now());
             }
             let leadership = session.clone().leadership(schema.clone(), key);
             let waiting = lock(&self.entries)
@@ -695,7 +702,12 @@ impl Session {
         let subscribers = lock(&self.subscribers);
         let mut candidates: Vec<&String> = held
             .keys()
-            .filter(|s| !releasing.contains(*s) && !starved.contains(*s))
+            .filter(|s| {
+                !releasing.contains(*s)
+                    && starved
+                        .get(*s)
+                        .is_none_or(|at| at.elapsed() >= STARVED_HOLD)
+            })
             .collect();
         candidates.sort_unstable();
         for schema in candidates.into_iter().rev().take(keeping - share) {

@@ -13,6 +13,11 @@ use crate::db::DbError;
 /// How soon a source claims again after a short claim that found rows: more are
 /// likely coming, and no notification will say so while it does not wait.
 pub const REPOLL: Duration = Duration::from_millis(3);
+/// A row found this long after the last rows is an event on its own: the source keeps
+/// waiting for the next one's notification instead of looking again by itself. Closer
+/// rows are steady traffic (at 1,000 events/s, a claim per notification cost 61 µs of
+/// CPU per event against 49 µs with a look every 3 ms, which takes several rows each).
+pub const QUIET: Duration = Duration::from_millis(20);
 /// The longest wait between claims while announcing keeps failing (an insert that did
 /// not notify stays in flight: a long transaction).
 pub const REPOLL_MAX: Duration = Duration::from_millis(32);

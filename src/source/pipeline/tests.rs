@@ -627,15 +627,16 @@ async fn nothing_to_claim_announces_waiting_then_looks_once_more_before_sleeping
     claim_returns(&mut h, vec![]).await;
     none_for(&mut h.claims, Duration::from_secs(3600), "claim").await;
     assert!(h.waits.try_recv().is_err(), "announced twice");
-    // A wake-up: inserts stop notifying, and the source claims.
+    // A wake-up: the source claims, still waiting; nothing found, it sleeps again.
     h.notices.send(Notice::Notify("s".into())).unwrap();
-    next(&mut h.stops, "stop waiting").await;
     claim_returns(&mut h, vec![]).await;
+    none_for(&mut h.claims, Duration::from_secs(3600), "claim").await;
+    assert!(h.stops.try_recv().is_err(), "stopped waiting for nothing");
     assert_eq!(finish(h).await, Ended::Cancelled);
 }
 
 #[tokio::test(start_paused = true)]
-async fn the_last_look_that_finds_rows_stops_waiting() {
+async fn one_row_found_while_waiting_keeps_waiting_and_a_burst_stops_it() {
     let mut h = start(limits(10, 2));
     claim_returns(&mut h, vec![]).await;
     next(&mut h.waits, "announcement")
@@ -643,8 +644,16 @@ async fn the_last_look_that_finds_rows_stops_waiting() {
         .reply
         .send(Ok(true))
         .unwrap();
-    // A row committed just before the lock was held: the last look finds it.
+    // A row committed just before the lock was held: the last look finds it. One row
+    // is an event on its own: the source keeps waiting (the next insert notifies) and
+    // does not look again on its own.
     claim_returns(&mut h, vec![event(1, "A")]).await;
+    next(&mut h.publishes, "hand-over").await.answer(|_| Ok(()));
+    none_for(&mut h.claims, Duration::from_secs(3600), "claim").await;
+    assert!(h.stops.try_recv().is_err(), "stopped waiting for one row");
+    // A wake-up finds a burst: inserts stop notifying while the source works.
+    h.notices.send(Notice::Notify("s".into())).unwrap();
+    claim_returns(&mut h, vec![event(2, "A"), event(3, "B")]).await;
     next(&mut h.stops, "stop waiting").await;
     next(&mut h.publishes, "hand-over").await.answer(|_| Ok(()));
     assert_eq!(finish(h).await, Ended::Cancelled);
