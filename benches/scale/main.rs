@@ -79,7 +79,7 @@ impl Opts {
                 .min(sources.saturating_sub(1))
                 .max(1),
             cold_rate: env_num("BENCH_SCALE_COLD_RATE", 250.0),
-            rounds: env_num("BENCH_SCALE_ROUNDS", if quick { 1 } else { 3 }),
+            rounds: env_num("BENCH_SCALE_ROUNDS", if quick { 1 } else { 5 }),
         }
     }
 }

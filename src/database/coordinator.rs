@@ -76,10 +76,13 @@ const COUNT_MEMBERS: &str = "WITH l AS (SELECT pid, classid::int8 AS c, objid::i
          (SELECT count(*) FROM l WHERE c = $1 AND o = $3 AND pid = pg_backend_pid()), \
          COALESCE((SELECT min((SELECT count(*) FROM l s WHERE s.pid = m.pid AND s.c = $2)) \
              FROM m WHERE m.pid <> pg_backend_pid()), -1)";
-/// Looks a waiting source must stay free before a replica at its share takes it
-/// anyway: no source is left unled because every replica is at its share (one gave it
-/// up for want of a connection, or the others do not know it).
+/// Looks a waiting source must stay free, and for how long at least, before a replica
+/// at its share takes it anyway: no source is left unled because every replica is at
+/// its share (one gave it up for want of a connection, or the others do not know it).
+/// Looks alone were not enough: at start every registered source kicks a look, and a
+/// replica took the sources of one still starting its 1,000 tasks within a second.
 const STARVED_LOOKS: u32 = 3;
+const STARVED_AFTER: Duration = Duration::from_secs(5);
 /// How long a source taken beyond the share is kept from handovers. Only for a while:
 /// a replica that was merely slow to start its sources (1,000 of them) left them free
 /// for a few looks, and kept for good they left it with 8 of 1,001 sources for the
@@ -122,8 +125,9 @@ struct Entry {
     wait_key: Option<i32>,
     /// Its task, waiting to lead.
     waiting: Option<oneshot::Sender<Leadership>>,
-    /// Looks in a row that found it waiting and free.
+    /// Looks in a row that found it waiting and free, since when.
     free_looks: u32,
+    free_since: Option<Instant>,
 }
 
 /// What `/health/deep` shows of a database's coordination.
@@ -228,6 +232,7 @@ impl Coordinator {
                 wait_key: None,
                 waiting: None,
                 free_looks: 0,
+                free_since: None,
             },
         );
         self.kick.notify_one();
@@ -465,8 +470,15 @@ impl Coordinator {
                     && !held.contains_key(s)
                     && e.key.is_some_and(|k| !taken.contains(&objid(k)));
                 e.free_looks = if free_now { e.free_looks + 1 } else { 0 };
+                e.free_since = if free_now {
+                    e.free_since.or(Some(Instant::now()))
+                } else {
+                    None
+                };
+                let long_free = e.free_looks > STARVED_LOOKS
+                    && e.free_since.is_some_and(|t| t.elapsed() >= STARVED_AFTER);
                 if let (true, Some(k)) = (free_now, e.key) {
-                    free.push((s.clone(), k, e.free_looks > STARVED_LOOKS));
+                    free.push((s.clone(), k, long_free));
                 }
             }
             // Replicas that look at the same moment mostly ask for different sources.
@@ -498,7 +510,7 @@ impl Coordinator {
         let got: HashSet<i32> = rows.iter().filter_map(|r| r.try_get(0).ok()).collect();
         for (schema, key) in candidates.into_iter().filter(|(_, k)| got.contains(k)) {
             if starved.contains(&schema) {
-                warn!(database = %self.database, schema, "took a source beyond this replica's share: it stayed free for {STARVED_LOOKS} looks (do the other replicas know it, and have connections free?)");
+                warn!(database = %self.database, schema, "took a source beyond this replica's share: it stayed free for {STARVED_LOOKS} looks and {STARVED_AFTER:?} (do the other replicas know it, and have connections free?)");
                 lock(&session.starved).insert(schema.clone(), Instant::now());
             }
             let leadership = session.clone().leadership(schema.clone(), key);
