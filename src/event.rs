@@ -49,6 +49,23 @@ pub enum Defect {
     TooLarge(String),
 }
 
+impl Event {
+    /// The W3C trace id of the row's `traceparent` header, for log lines about the
+    /// event (`00-<trace id>-<parent id>-<flags>`).
+    pub fn trace_id(&self) -> Option<&str> {
+        let headers = self.headers.as_deref()?;
+        let at = headers.find("\"traceparent\"")?;
+        let rest = &headers[at + "\"traceparent\"".len()..];
+        let value = rest
+            .trim_start()
+            .strip_prefix(':')?
+            .trim_start()
+            .strip_prefix('"')?;
+        let id = value.split('-').nth(1)?;
+        (id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit())).then_some(id)
+    }
+}
+
 #[cfg(test)]
 impl Event {
     /// An event of aggregate `order`/`aggregate_id` with nothing optional set, written
@@ -70,5 +87,23 @@ impl Event {
             max_retries: 3,
             defect: None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Event;
+
+    #[test]
+    fn the_trace_id_comes_from_the_traceparent_header() {
+        let mut e = Event::sample(1, "a");
+        assert_eq!(e.trace_id(), None);
+        e.headers = Some(
+            r#"{"tracestate": "k=v", "traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"}"#
+                .into(),
+        );
+        assert_eq!(e.trace_id(), Some("4bf92f3577b34da6a3ce929d0e0e4736"));
+        e.headers = Some(r#"{"traceparent": "garbage"}"#.into());
+        assert_eq!(e.trace_id(), None);
     }
 }

@@ -602,3 +602,72 @@ async fn a_claim_of_large_payloads_stops_at_its_byte_budget_and_loses_nothing() 
     assert_eq!(held.len(), 30, "every row claimed once: {claims:?}");
     assert!(claims.len() >= 2, "the budget split the rows: {claims:?}");
 }
+
+/// `record_format = "cloudevents"`: the records carry CloudEvents' Kafka binding
+/// (binary mode) besides the contract's headers; a row's W3C trace context reaches
+/// Kafka unchanged in either format.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cloudevents_records_and_trace_context_reach_the_broker() {
+    let sc = Scenario::builder()
+        .source("cloud")
+        .source("plain")
+        .migrated()
+        .await;
+    let (cloud, plain) = (&sc.sources[0], &sc.sources[1]);
+    let sc_config = sc
+        .config
+        .clone()
+        .source_set(&cloud.name, "record_format", "cloudevents");
+    const PARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    for src in [cloud, plain] {
+        sc.pg.psql(
+            "postgres",
+            &format!(
+                "INSERT INTO {}.outbox (aggregate_type, aggregate_id, event_type, payload, headers, created_at) \
+                 VALUES ('order', 'o-7', 'OrderPlaced', '{{\"total\": 5}}', \
+                         '{{\"traceparent\": \"{PARENT}\", \"tracestate\": \"congo=t61rcWkgMzE\"}}', \
+                         '2026-12-05 07:52:33.123456+00'), \
+                        ('order', 'o-7', 'OrderDeleted', NULL, NULL, now())",
+                src.schema
+            ),
+        );
+    }
+    let mut relay = TestRelay::start(sc_config.settings()).await;
+    let got = sc.consume(&cloud.topic, 2).await;
+    let plain_got = sc.consume(&plain.topic, 2).await;
+    relay.stop().await;
+
+    let first = &got[0];
+    assert_eq!(first.key.as_deref(), Some("o-7"));
+    assert_eq!(header(first, "ce_specversion"), Some("1.0"));
+    assert_eq!(header(first, "ce_id"), header(first, "event_id"));
+    assert_eq!(header(first, "ce_type"), Some("OrderPlaced"));
+    assert_eq!(
+        header(first, "ce_source"),
+        Some(format!("/outbox-relay/{}", cloud.name).as_str())
+    );
+    assert_eq!(
+        header(first, "ce_time"),
+        Some("2026-12-05T07:52:33.123456Z")
+    );
+    assert_eq!(header(first, "ce_subject"), Some("o-7"));
+    assert_eq!(header(first, "content-type"), Some("application/json"));
+    assert_eq!(header(first, "traceparent"), Some(PARENT));
+    assert_eq!(header(first, "tracestate"), Some("congo=t61rcWkgMzE"));
+    assert_eq!(first.value.as_deref(), Some("{\"total\": 5}"));
+    // A tombstone has no data, so no content type.
+    assert_eq!(header(&got[1], "ce_type"), Some("OrderDeleted"));
+    assert_eq!(header(&got[1], "content-type"), None);
+    assert_eq!(got[1].value, None);
+    // The default format is unchanged: no CloudEvents header, the trace context kept.
+    let p = &plain_got[0];
+    assert!(
+        p.headers
+            .iter()
+            .all(|(k, _)| !k.starts_with("ce_") && k != "content-type"),
+        "{:?}",
+        p.headers
+    );
+    assert_eq!(header(p, "traceparent"), Some(PARENT));
+    assert_eq!(header(p, "tracestate"), Some("congo=t61rcWkgMzE"));
+}

@@ -107,6 +107,21 @@ pub struct RetrySettings {
     pub after_dead_letter: AfterDeadLetter,
 }
 
+/// How a row becomes a Kafka record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RecordFormat {
+    /// The relay's own contract: key, value and its headers (README, "The Kafka record").
+    Plain,
+    /// The same, plus CloudEvents' Kafka protocol binding in binary mode: `ce_specversion`
+    /// 1.0, `ce_id`, `ce_type`, `ce_source`, `ce_time`, `ce_subject`, and `content-type`.
+    #[serde(rename = "cloudevents")]
+    CloudEvents,
+}
+
+/// What `{source}` stands for in `cloudevents_source`.
+pub const SOURCE_PLACEHOLDER: &str = "{source}";
+
 /// How an idle source learns of new rows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -276,6 +291,10 @@ pub struct SourceSettings {
     pub schema: String,
     /// Topic for rows that name none.
     pub topic: String,
+    /// How its rows become records.
+    pub record_format: RecordFormat,
+    /// `ce_source` of its records in CloudEvents format.
+    pub cloudevents_source: String,
 }
 
 /// Where `{schema}` is replaced by a matching schema's name, in a pattern source's
@@ -297,6 +316,10 @@ pub struct PatternSettings {
     pub schema_pattern: SchemaPattern,
     /// The sources' topic for rows that name none; `{schema}` may stand in it.
     pub topic: String,
+    /// As [`SourceSettings::record_format`].
+    pub record_format: RecordFormat,
+    /// As [`SourceSettings::cloudevents_source`], `{schema}` and `{source}` replaced.
+    pub cloudevents_source: String,
 }
 
 impl PatternSettings {
@@ -308,6 +331,14 @@ impl PatternSettings {
             coordination_url: self.coordination_url.clone(),
             schema: schema.to_string(),
             topic: self.topic.replace(SCHEMA_PLACEHOLDER, schema),
+            record_format: self.record_format,
+            cloudevents_source: self
+                .cloudevents_source
+                .replace(SCHEMA_PLACEHOLDER, schema)
+                .replace(
+                    SOURCE_PLACEHOLDER,
+                    &self.name.replace(SCHEMA_PLACEHOLDER, schema),
+                ),
         }
     }
 

@@ -20,6 +20,11 @@ impl Settings {
         let pool_size = t.int("pool_size", 4, 1, 1_000);
         let process_interval = t.duration("process_interval", Duration::from_secs(5));
         let wakeup = t.get("wakeup", Wakeup::Notify);
+        let record_format = t.get("record_format", RecordFormat::Plain);
+        let cloudevents_source: String = t.get(
+            "cloudevents_source",
+            format!("/outbox-relay/{SOURCE_PLACEHOLDER}"),
+        );
         let max_retries = t.int("max_retries", 3, 0, 1_000) as i32;
         let dead_letter_size = t.int("dead_letter_size", 1000, 0, i64::MAX as u64) as i64;
         let operation_timeout = t.duration("operation_timeout", Duration::from_secs(30));
@@ -99,6 +104,8 @@ impl Settings {
             let schema: Option<String> = s.opt("schema");
             let pattern: Option<String> = s.opt("schema_pattern");
             let topic: Option<String> = s.required("topic");
+            let own_format = s.get("record_format", record_format);
+            let own_ce_source: String = s.get("cloudevents_source", cloudevents_source.clone());
             s.finish();
 
             if pattern.is_some() && schema.is_some() {
@@ -189,11 +196,13 @@ impl Settings {
             match (name, url, topic, pattern) {
                 (Some(name), Some(database_url), Some(topic), None) => {
                     sources.push(SourceSettings {
+                        cloudevents_source: own_ce_source.replace(SOURCE_PLACEHOLDER, &name),
                         name,
                         database_url,
                         coordination_url,
                         schema,
                         topic,
+                        record_format: own_format,
                     })
                 }
                 (Some(name), Some(database_url), Some(topic), Some(p)) => {
@@ -204,6 +213,8 @@ impl Settings {
                             coordination_url,
                             schema_pattern,
                             topic,
+                            record_format: own_format,
+                            cloudevents_source: own_ce_source,
                         })
                     }
                 }

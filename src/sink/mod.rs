@@ -21,7 +21,7 @@ use tracing::{error, warn};
 
 pub use classify::{classify, Blame, Classified, Failure, Reason};
 pub use producer::{client_config, Delivery, Producer, RelayContext};
-pub use record::{build_record, Record};
+pub use record::{build_record, with_cloudevents, Record};
 
 use crate::config::KafkaSettings;
 use crate::event::Event;
@@ -62,12 +62,20 @@ impl Sink {
 
     /// Starts a batch of records for `source`, whose events without a topic of their
     /// own go to `default_topic`.
-    pub fn outgoing(self: &Arc<Self>, source: Arc<str>, default_topic: Arc<str>) -> Outgoing {
+    /// A batch of `source`'s records; with `cloudevents` (the `ce_source`), in
+    /// CloudEvents' binary mode.
+    pub fn outgoing(
+        self: &Arc<Self>,
+        source: Arc<str>,
+        default_topic: Arc<str>,
+        cloudevents: Option<Arc<str>>,
+    ) -> Outgoing {
         Outgoing {
             sink: self.clone(),
             producer: self.producer(),
             source,
             default_topic,
+            cloudevents,
             pending: Vec::new(),
             event_id: String::with_capacity(36),
             refused: false,
@@ -123,6 +131,8 @@ pub struct Outgoing {
     producer: Producer,
     source: Arc<str>,
     default_topic: Arc<str>,
+    /// `ce_source`, when records are CloudEvents.
+    cloudevents: Option<Arc<str>>,
     /// Each record handed over: its index in the batch, its delivery, and whether it
     /// went to the row's own topic.
     pending: Vec<(usize, Delivery, bool)>,
@@ -141,7 +151,10 @@ impl Outgoing {
     pub fn send(&mut self, i: usize, e: &Event) -> Result<(), Failure> {
         self.event_id.clear();
         let _ = write!(self.event_id, "{}", e.event_id);
-        let record = build_record(e, &self.source, &self.default_topic, &self.event_id)?;
+        let mut record = build_record(e, &self.source, &self.default_topic, &self.event_id)?;
+        if let Some(ce_source) = &self.cloudevents {
+            record.headers = with_cloudevents(record.headers, e, &self.event_id, ce_source);
+        }
         let payload = record.payload.map(str::as_bytes);
         let own_topic = *record.topic != *self.default_topic;
         match self
@@ -261,7 +274,7 @@ mod tests {
             code,
             rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR
         );
-        let mut out = sink.outgoing("s".into(), "t".into());
+        let mut out = sink.outgoing("s".into(), "t".into(), None);
         let refused = out
             .send(0, &Event::sample(1, "a"))
             .expect_err("a fatal producer takes no record");

@@ -93,6 +93,49 @@ pub fn build_record<'a>(
     })
 }
 
+/// Adds CloudEvents' Kafka protocol binding (binary mode) to a record's headers: the
+/// event's id, type, source, time and subject; `content-type` when it has a value.
+pub fn with_cloudevents(
+    headers: OwnedHeaders,
+    event: &Event,
+    event_id: &str,
+    ce_source: &str,
+) -> OwnedHeaders {
+    let time = humantime::format_rfc3339_micros(event.created_at).to_string();
+    let mut headers = headers
+        .insert(Header {
+            key: "ce_specversion",
+            value: Some("1.0"),
+        })
+        .insert(Header {
+            key: "ce_id",
+            value: Some(event_id),
+        })
+        .insert(Header {
+            key: "ce_type",
+            value: Some(event.event_type.as_str()),
+        })
+        .insert(Header {
+            key: "ce_source",
+            value: Some(ce_source),
+        })
+        .insert(Header {
+            key: "ce_time",
+            value: Some(time.as_str()),
+        })
+        .insert(Header {
+            key: "ce_subject",
+            value: Some(event.aggregate_id.as_str()),
+        });
+    if event.payload.is_some() {
+        headers = headers.insert(Header {
+            key: "content-type",
+            value: Some("application/json"),
+        });
+    }
+    headers
+}
+
 /// The row's extra headers, in key order.
 type HeaderPairs<'a> = Vec<(Cow<'a, str>, Cow<'a, str>)>;
 
@@ -199,6 +242,37 @@ mod tests {
                 ("b".to_string(), "say \"hi\"".to_string())
             ]
         );
+    }
+
+    #[test]
+    fn cloudevents_records_carry_the_binding_headers_besides_the_contracts() {
+        let e = event();
+        let id = e.event_id.to_string();
+        let r = build_record(&e, "customer", "customer.events", &id).unwrap();
+        let h = with_cloudevents(r.headers, &e, &id, "/outbox-relay/customer");
+        let get = |k: &str| {
+            h.iter()
+                .find(|x| x.key == k)
+                .and_then(|x| x.value)
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+        };
+        assert_eq!(get("ce_specversion").as_deref(), Some("1.0"));
+        assert_eq!(get("ce_id"), Some(id.clone()));
+        assert_eq!(get("ce_type").as_deref(), Some("CustomerCreated"));
+        assert_eq!(get("ce_source").as_deref(), Some("/outbox-relay/customer"));
+        assert_eq!(get("ce_subject").as_deref(), Some("c-1"));
+        assert_eq!(get("content-type").as_deref(), Some("application/json"));
+        let time = get("ce_time").unwrap();
+        assert_eq!(humantime::parse_rfc3339(&time).unwrap(), {
+            let us = e
+                .created_at
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_micros();
+            std::time::UNIX_EPOCH + std::time::Duration::from_micros(us as u64)
+        });
+        assert_eq!(get("event_id"), Some(id), "the contract's headers stay");
+        assert_eq!(get("traceparent").as_deref(), Some("00-abc"));
     }
 
     #[test]

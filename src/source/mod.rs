@@ -80,6 +80,8 @@ pub struct Source {
     pub metrics: Arc<Metrics>,
     name: Arc<str>,
     topic: Arc<str>,
+    /// `ce_source` when its records are CloudEvents.
+    cloudevents: Option<Arc<str>>,
     /// Fault injection for tests.
     #[cfg(feature = "test-hooks")]
     pub hooks: Arc<TestHooks>,
@@ -99,6 +101,8 @@ impl Source {
             store: std::sync::Mutex::new(None),
             name: settings.name.as_str().into(),
             topic: settings.topic.as_str().into(),
+            cloudevents: (settings.record_format == crate::config::RecordFormat::CloudEvents)
+                .then(|| settings.cloudevents_source.as_str().into()),
             settings,
             pool,
             coordinator,
@@ -286,7 +290,11 @@ impl Ports for Source {
     }
 
     fn batch(&self) -> Outgoing {
-        self.sink.outgoing(self.name.clone(), self.topic.clone())
+        self.sink.outgoing(
+            self.name.clone(),
+            self.topic.clone(),
+            self.cloudevents.clone(),
+        )
     }
 
     fn wait_for_rows(&self) -> BoxFuture<'static, Result<bool, DbError>> {

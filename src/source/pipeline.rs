@@ -682,6 +682,7 @@ impl<'a, P: Ports> Pipeline<'a, P> {
                 event_id = %e.event_id,
                 aggregate_id = %e.aggregate_id,
                 correlation_id = e.correlation_id.as_deref().unwrap_or(""),
+                trace_id = e.trace_id().unwrap_or(""),
                 reason = f.reason.label(),
                 error = %f.message,
                 "publish failed"

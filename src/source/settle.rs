@@ -223,6 +223,7 @@ impl Settler<'_> {
                 event_id = %e.event_id,
                 aggregate_id = %e.aggregate_id,
                 correlation_id = e.correlation_id.as_deref().unwrap_or(""),
+                trace_id = e.trace_id().unwrap_or(""),
                 "event dead-lettered"
             );
         }
