@@ -171,7 +171,7 @@ pub async fn replay(
          SELECT id, event_id, aggregate_type, aggregate_id, event_type, payload, topic, headers, \
              correlation_id, idempotency_token, created_at, 'pending', 0, max_retries, \
              'replayed; was dead-lettered: ' || error, NULL, NULL \
-         FROM moved ORDER BY id RETURNING id",
+         FROM moved ORDER BY id RETURNING id::int8",
         filter.sql()
     );
     let (ids, et, age) = filter.params();

@@ -244,18 +244,40 @@ async fn contradictions(
         .await
         .context("read the outbox table's columns")?;
     let table = format!("{}.outbox", quote_ident(schema_name));
-    Ok(rows
+    let types = tx
+        .query(
+            "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod) FROM pg_attribute a \
+             WHERE a.attrelid = to_regclass(format('%I.outbox', $1::text)) \
+             AND a.attnum > 0 AND NOT a.attisdropped \
+             AND ((a.attname = 'id' AND a.atttypid NOT IN ('int8'::regtype, 'int4'::regtype)) \
+               OR (a.attname = 'event_id' AND a.atttypid <> 'uuid'::regtype)) \
+             ORDER BY a.attnum",
+            &[&schema_name],
+        )
+        .await
+        .context("read the outbox table's column types")?;
+    let mut out: Vec<String> = types
         .iter()
         .map(|r| {
-            let column: String = r.get(0);
+            let (column, ty): (String, String) = (r.get(0), r.get(1));
+            let want = if column == "id" { "bigint" } else { "uuid" };
             format!(
-                "{table}.{column} allows NULL, which the contract forbids: the relay \
+                "{table}.{column} is {ty}, where the contract has {want}: the relay reads it \
+                 as {want} and dead-letters a row whose {column} does not convert. Fix: \
+                 ALTER TABLE {table} ALTER COLUMN {column} TYPE {want} USING {column}::{want}"
+            )
+        })
+        .collect();
+    out.extend(rows.iter().map(|r| {
+        let column: String = r.get(0);
+        format!(
+            "{table}.{column} allows NULL, which the contract forbids: the relay \
                  dead-letters a row whose {column} is NULL. Fix: give such rows a value \
                  (UPDATE {table} SET {column} = ... WHERE {column} IS NULL), then \
                  ALTER TABLE {table} ALTER COLUMN {column} SET NOT NULL"
-            )
-        })
-        .collect())
+        )
+    }));
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -308,6 +308,7 @@ fn password_spellings(port: u16) -> Vec<String> {
         "host=127.0.0.1 port={port} dbname=db_7 user=role_a password='Zq7 two-Zq7part'",
         "host=127.0.0.1 port={port} dbname=db_8 user=role_a password = Zq8",
         "host=127.0.0.1 port={port} dbname=db_9 password=Zq9\\ x\\'Zq9",
+        "postgres://role_a@127.0.0.1:{port}/db_10?sslmode=disable&password=p@ss-Zq10",
     ]
     .iter()
     .map(|s| s.replace("{port}", &port.to_string()))

@@ -85,7 +85,8 @@ async fn rows_with_nulls_the_contract_forbids_are_dead_lettered_naming_the_colum
         &format!(
             "CREATE SCHEMA {s};
              CREATE TABLE {s}.outbox (
-                 id bigserial PRIMARY KEY,
+                 id serial PRIMARY KEY,
+                 event_id varchar(64) DEFAULT gen_random_uuid()::text,
                  aggregate_type varchar(255),
                  aggregate_id varchar(255),
                  event_type varchar(255),
@@ -99,6 +100,10 @@ async fn rows_with_nulls_the_contract_forbids_are_dead_lettered_naming_the_colum
         .await
         .expect("migrate a pre-existing table");
     let said = applied[0].contradictions.join("\n");
+    assert!(
+        said.contains(".event_id is character varying(64), where the contract has uuid"),
+        "{said}"
+    );
     for column in ["aggregate_type", "aggregate_id", "event_type"] {
         assert!(
             said.contains(&format!(".{column} allows NULL")) && said.contains("SET NOT NULL"),
@@ -119,6 +124,14 @@ async fn rows_with_nulls_the_contract_forbids_are_dead_lettered_naming_the_colum
     insert("'o-' || (i % 7)", "'OrderPlaced'", 40);
     insert("NULL", "'OrderPlaced'", 1);
     insert("'o-bad'", "NULL", 1);
+    sc.pg.psql(
+        &src.db,
+        &format!(
+            "INSERT INTO {s}.outbox (event_id, aggregate_type, aggregate_id, event_type, payload) \
+             VALUES ('not-a-uuid', 'order', 'o-uuid', 'OrderPlaced', '{{}}')",
+            s = src.schema
+        ),
+    );
     insert("'o-' || (i % 7)", "'OrderPlaced'", 41);
 
     let relay = TestRelay::start(sc.settings()).await;
@@ -132,9 +145,11 @@ async fn rows_with_nulls_the_contract_forbids_are_dead_lettered_naming_the_colum
             src.schema
         ),
     );
-    assert_eq!(sc.dead_letter_rows(&src), 2, "{dead}");
+    assert_eq!(sc.dead_letter_rows(&src), 3, "{dead}");
     assert!(
-        dead.contains("column aggregate_id is NULL") && dead.contains("column event_type is NULL"),
+        dead.contains("column aggregate_id is NULL")
+            && dead.contains("column event_type is NULL")
+            && dead.contains("column event_id is not a UUID"),
         "{dead}"
     );
     let (_, text) = relay.get("/metrics").await;
@@ -153,7 +168,7 @@ async fn rows_with_nulls_the_contract_forbids_are_dead_lettered_naming_the_colum
     let listed = dead_letter::list(source, &Filter::default(), 10, true, timeout)
         .await
         .expect("list");
-    assert_eq!(listed.len(), 2);
+    assert_eq!(listed.len(), 3);
     assert!(dead_letter::table(&listed).contains("invalid_record"));
     let id_of = |column: &str| {
         listed
@@ -175,6 +190,15 @@ async fn rows_with_nulls_the_contract_forbids_are_dead_lettered_naming_the_colum
         .await
         .expect("purge");
     assert_eq!(purged, vec![null_type]);
+    let bad_uuid = listed
+        .iter()
+        .find(|e| e.error.contains("column event_id is not a UUID"))
+        .expect("the row with a bad event_id")
+        .id;
+    let purged = dead_letter::purge(source, &only(bad_uuid), timeout)
+        .await
+        .expect("purge");
+    assert_eq!(purged, vec![bad_uuid]);
     let again = consume_async(&sc.bootstrap(), &src.topic, 82, sc.deadline).await;
     assert!(
         again.iter().any(|r| r.key.as_deref() == Some("")),

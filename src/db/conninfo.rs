@@ -182,7 +182,11 @@ fn parse_pairs(s: &str) -> Result<ConnInfo, String> {
         }
         while it.next_if(|c| c.is_whitespace()).is_some() {}
         if it.next() != Some('=') {
-            return Err(format!("connection parameter `{key}` has no `=`"));
+            // The word may be a piece of an unquoted password with a space in it: it is
+            // not quoted back.
+            return Err(
+                "a connection parameter has no `=` (quote a value with spaces: key='a b')".into(),
+            );
         }
         while it.next_if(|c| c.is_whitespace()).is_some() {}
         let mut value = String::new();
@@ -225,10 +229,13 @@ fn host_list(s: &str) -> bool {
 
 /// `user:password@hosts/db?params` after the scheme.
 ///
-/// The credentials end at the last `@` that is followed by a host list: a password may
-/// hold a raw `@`, `/` or `?` (libpq would stop at the first `@`, and then take the rest
-/// of the password for a host name and print it in its connect error). Percent-encoding
-/// them is still the unambiguous spelling.
+/// The credentials end at the first `@` that is followed by a valid host list, as
+/// libpq and tokio-postgres read it when that works; a password holding a raw `@`
+/// makes the text after that `@` no host list (it holds the next `@`), and the next
+/// `@` is tried, where libpq would take the rest of the password for a host name and
+/// print it in its connect error. A raw `/` or `?` in a password works too. An `@` in
+/// a query value (`?password=p@ss`) stays in the query. Percent-encoding is still the
+/// unambiguous spelling.
 fn parse_uri(scheme: &'static str, rest: &str) -> Result<ConnInfo, String> {
     let decode = |what: &str, s: &str| {
         percent_decode_str(s)
@@ -237,7 +244,7 @@ fn parse_uri(scheme: &'static str, rest: &str) -> Result<ConnInfo, String> {
             .map_err(|_| format!("the URL's {what} is not valid UTF-8 once percent-decoded"))
     };
     let mut params = Vec::new();
-    let at = rest.match_indices('@').map(|(i, _)| i).rfind(|&i| {
+    let at = rest.match_indices('@').map(|(i, _)| i).find(|&i| {
         let after = &rest[i + 1..];
         let end = after.find(['/', '?']).unwrap_or(after.len());
         host_list(&after[..end])
@@ -346,6 +353,11 @@ mod tests {
         ),
         ("host=h user=role_a password = Zq-three", "Zq-three"),
         ("host=h password=Zq\\ four\\'s dbname=db", "Zq four's"),
+        (
+            "postgres://relay@host/db?sslmode=disable&password=p@ss-Zq",
+            "p@ss-Zq",
+        ),
+        ("postgres://u:p@ss@Zq@host/db", "p@ss@Zq"),
         ("host=h password='it\\'s-Zq' dbname=db", "it's-Zq"),
     ];
 
@@ -392,6 +404,7 @@ mod tests {
         for bad in [
             "host=h password='Zq-unterminated",
             "host=h password",
+            "host=h password=Zq two-Zqpart",
             "postgres://u:Zq@ho st/db",
             "postgres://u:Zq@[::1/db",
         ] {

@@ -17,7 +17,7 @@ use crate::event::{Defect, Event};
 /// [`size_of`]), and [`Store::claim`] fetches it apart if it may go at all.
 fn columns(inline: &str) -> String {
     format!(
-        "o.id, o.event_id, o.aggregate_type::text, o.aggregate_id::text, o.event_type::text, \
+        "o.id::int8, o.event_id::text, o.aggregate_type::text, o.aggregate_id::text, o.event_type::text, \
          CASE WHEN z.n <= {inline}::int4 THEN o.payload::text END, o.topic::text, \
          o.headers::text, o.correlation_id::text, o.idempotency_token::text, \
          o.created_at, o.retry_count, COALESCE(o.max_retries, $2::int), z.n"
@@ -204,8 +204,8 @@ impl Store {
             claim: claim_sql(&s, false),
             claim_blocking_dead: std::sync::OnceLock::new(),
             quoted: s.clone(),
-            payloads: format!("SELECT id, payload::text FROM {s}.outbox WHERE id = ANY($1)"),
-            delete: format!("DELETE FROM {s}.outbox WHERE id = ANY($1)"),
+            payloads: format!("SELECT id::int8, payload::text FROM {s}.outbox WHERE id = ANY($1::bigint[])"),
+            delete: format!("DELETE FROM {s}.outbox WHERE id = ANY($1::bigint[])"),
             retry: format!(
                 "UPDATE {s}.outbox o SET retry_count = o.retry_count + 1, last_error = u.error, \
                  status = 'retrying', next_attempt_at = now() + u.delay_ms * interval '1 millisecond' \
@@ -226,7 +226,9 @@ impl Store {
                      o.created_at, o.retry_count, o.max_retries, o.last_error, o.next_attempt_at, \
                      o.published_at, f.error AS dl_error) \
                  INSERT INTO {s}.outbox_dead_letter ({SHARED_COLUMNS}, failed_at, error) \
-                 SELECT id, COALESCE(event_id, gen_random_uuid()), \
+                 SELECT id, COALESCE(CASE WHEN event_id::text ~* \
+                         '^[0-9a-f]{{8}}-([0-9a-f]{{4}}-){{3}}[0-9a-f]{{12}}$' \
+                         THEN event_id::text::uuid END, gen_random_uuid()), \
                      COALESCE(aggregate_type::text, ''), COALESCE(aggregate_id::text, ''), \
                      COALESCE(event_type::text, ''), payload, topic, \
                      headers, correlation_id, idempotency_token, COALESCE(created_at, now()), \
@@ -324,7 +326,10 @@ impl Store {
         for r in &rows {
             let (event, size) = decode(r, max_payload)?;
             let read = if event.defect.is_some() { 0 } else { size };
-            if !events.is_empty() && bytes + read > CLAIM_BYTES {
+            // Never fewer than two rows: a claim cut to one row would look like light
+            // traffic to the source, which would then wait for a notification that the
+            // rows left behind never send.
+            if events.len() >= 2 && bytes + read > CLAIM_BYTES {
                 break;
             }
             bytes += read;
@@ -540,7 +545,12 @@ fn decode(r: &Row, max_payload: i64) -> Result<(Event, i64), DbError> {
         .try_get(0)
         .map_err(|e| DbError::pg("claim: column id", &e))?;
     let d = &mut defects;
-    let event_id = read(r, 1, d).unwrap_or_default();
+    let event_id = read::<String>(r, 1, d).and_then(|text| {
+        uuid::Uuid::parse_str(&text)
+            .map_err(|_| d.push("column event_id is not a UUID".to_string()))
+            .ok()
+    });
+    let event_id = event_id.unwrap_or_default();
     let aggregate_type = read(r, 2, d).unwrap_or_default();
     let aggregate_id = read(r, 3, d).unwrap_or_default();
     let event_type = read(r, 4, d).unwrap_or_default();
