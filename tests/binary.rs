@@ -985,3 +985,63 @@ fn a_replica_cut_off_from_postgres_stops_leading_and_the_other_takes_its_sources
         "taken over after {taken:?}"
     );
 }
+
+/// The Go client package end to end: its example program writes an event in a
+/// transaction (as a service does, with a trace context), the relay binary publishes
+/// it to tansu, and the record carries the key and headers the contract promises.
+#[test]
+fn an_event_the_go_writer_commits_reaches_kafka_as_the_contract_says() {
+    let sc = scenario(&["go-writer"], 1);
+    let src = sc.src().clone();
+    let own_topic = format!("{}.go", src.schema);
+    sc.kafka.create_topic(&own_topic, 1);
+    let config = file_config(&sc).set("http.listen", format!("127.0.0.1:{}", common::free_port()));
+    let files = Files::migrated(&config, &[]);
+    let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let go = Command::new("go")
+        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/clients/go/outbox"))
+        .args(["run", "./cmd/outbox-write-example"])
+        .args([
+            &format!("{}?sslmode=disable", sc.pg.url("postgres")),
+            &src.schema,
+            "o-42",
+            &own_topic,
+        ])
+        .env("GOPROXY", "off")
+        .env("GOFLAGS", "-mod=mod")
+        .env("TRACEPARENT", parent)
+        .env("TRACESTATE", "congo=t61rcWkgMzE")
+        .output()
+        .expect("go (golang-go, installed by .ci/install-test-deps)");
+    assert!(
+        go.status.success(),
+        "go run: {}",
+        String::from_utf8_lossy(&go.stderr)
+    );
+    let mut relay = spawn(files.command(&["run"], &[]));
+    let got = sc.consume_blocking(&own_topic, 1);
+    sc.wait_outbox_empty_blocking(&src);
+    sigterm(&relay);
+    wait_exit(&mut relay, DEADLINE);
+    let r = &got[0];
+    assert_eq!(r.key.as_deref(), Some("o-42"));
+    assert_eq!(r.value.as_deref(), Some("{\"total\": 5}"));
+    for (name, want) in [
+        ("event_type", "OrderPlaced"),
+        ("aggregate_type", "order"),
+        ("source", src.name.as_str()),
+        ("correlation_id", "corr-o-42"),
+        ("idempotency_token", "order-o-42-placed"),
+        ("tenant", "acme"),
+        ("traceparent", parent),
+        ("tracestate", "congo=t61rcWkgMzE"),
+    ] {
+        assert_eq!(
+            header(r, name),
+            Some(want),
+            "header {name}: {:?}",
+            r.headers
+        );
+    }
+    assert_eq!(header(r, "event_id").map(str::len), Some(36));
+}
