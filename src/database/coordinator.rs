@@ -29,6 +29,11 @@
 //! the relay no longer talks to. A new connection is refused when a second connection
 //! to the same URL is served by the same server process, and a live one is given up
 //! when its membership lock is not held by the process answering the count.
+//!
+//! About 900 lines, in one file on purpose: the session, the leaderships it hands out
+//! and the coordinator's looks share one set of locks (entries, held, releasing,
+//! subscribers), and every rule about who may take, keep or hand over a source reads
+//! them; split apart, the lock order would have to be followed across files.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};

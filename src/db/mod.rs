@@ -104,16 +104,23 @@ impl DatabaseUrl {
         format!("{host}:{port}/{db}")
     }
 
-    /// Everything that makes two URLs' connections interchangeable: hosts, ports,
-    /// database, user, TLS mode and certificates, server options. Sources whose URLs
+    /// Everything that makes two URLs' connections interchangeable: hosts (and their
+    /// addresses), ports, target session attributes, channel binding, load balancing,
+    /// connect timeout, database, user, TLS mode and certificates, server options. The
+    /// password is not part of it: one role's sources share a pool. Sources whose URLs
     /// share it share one pool and one coordination connection; sources of one database
     /// under two roles get one each, so each works as its own role.
     pub fn pool_key(&self) -> String {
         let c = &self.config;
         format!(
-            "{:?} {:?} {:?} {:?} {:?} {:?} {:?} {:?} {:?}",
+            "{:?} {:?} {:?} {:?} {:?} {:?} {:?} {:?} {:?} {:?} {:?} {:?} {:?} {:?}",
             c.get_hosts(),
+            c.get_hostaddrs(),
             c.get_ports(),
+            c.get_target_session_attrs(),
+            c.get_channel_binding(),
+            c.get_load_balance_hosts(),
+            c.get_connect_timeout(),
             c.get_dbname(),
             c.get_user(),
             c.get_ssl_mode(),

@@ -16,9 +16,9 @@
 //! (PostgreSQL for claims and settles, Kafka for publishing) is behind [`Ports`], so the
 //! transitions are tested here on tokio's paused clock without either.
 //!
-//! About 650 lines: one state type and its transitions, kept in one file so each
-//! transition reads beside the state it changes; the slots, the ports and the tests
-//! live beside it in `pipeline/`.
+//! About 850 lines: one state type and its transitions, kept in one file so each
+//! transition reads beside the state it changes; the slots, the ports, the idle states
+//! and the tests live beside it in `pipeline/`.
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::Ordering;
